@@ -1,0 +1,78 @@
+"""Command line: ``[accelerate launch] -m train --data-cfg D.toml --train-cfg T.toml [--set k=v] [--output-dir DIR]``.
+
+This is the only module that reads the command line and the environment; it validates the
+whole configuration before any data or model is touched, and turns user errors into one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import UserError, load_config
+
+DEFAULTS = Path(__file__).parent / "defaults"
+BUILTIN_DATA = DEFAULTS / "builtin-data.toml"
+BUILTIN_TRAIN = DEFAULTS / "builtin-train.toml"
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train an image classifier. With no arguments: ResNet-18 on the built-in data set, on the CPU.")
+    parser.add_argument("--data-cfg", type=Path, default=None,
+                        help="data TOML (default: the built-in data set)")
+    parser.add_argument("--train-cfg", type=Path, default=None,
+                        help="training TOML (default: the built-in ResNet-18 demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value in TOML syntax, e.g. --set train.lr=0.5 "
+                             "--set data.dataloader.name='\"hf\"' (repeatable)")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help="run directory (default: runs/<SLURM_JOB_ID or timestamp>)")
+    return parser.parse_args(argv)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it.
+
+    A worker's exception comes back as 'Caught X in DataLoader worker ...' followed by the
+    original traceback, whose last line is 'module.X: message'.
+    """
+    text = str(exc).strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        name = type(exc).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return lines[0] if lines else type(exc).__name__
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from . import data, models, optim
+        from .loop import RunOptions, run
+
+        data_cfg = args.data_cfg or BUILTIN_DATA
+        train_cfg = args.train_cfg or BUILTIN_TRAIN
+        num_processes = int(os.environ.get("WORLD_SIZE", "1"))
+        config = load_config(data_cfg, train_cfg, args.overrides, num_processes)
+        models.resolve_arch(config.train.arch)
+        optim.check_supported(config.train.optim, str(train_cfg))
+        data.check_supported(config.data, str(data_cfg))
+        options = RunOptions(output_dir=args.output_dir, job_id=os.environ.get("SLURM_JOB_ID") or None,
+                             launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None)
+        run(config, options)
+    except UserError as exc:
+        if _is_main_process():
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

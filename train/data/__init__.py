@@ -1,0 +1,85 @@
+"""Input pipelines, chosen by ``[dataloader] name`` and by the form of ``data_dir``.
+
+``data_dir`` is an ImageNet-layout folder, ``hf-hub:<dataset id>`` (HF loader only), or
+``builtin:shapes``, the generated demo set, which is an ImageNet-layout folder in a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import DataConfig, PreprocessConfig, UserError
+from . import hf
+from .builtin import ensure_builtin_dataset
+from .folder import DataError, scan_image_folder
+from .sampling import EvalBatchSampler, ShardedBatchSampler
+
+HUB_PREFIX = "hf-hub:"
+BUILTIN_PREFIX = "builtin:"
+SUPPORTED_LOADERS = ("hf",)
+PLANNED_LOADERS = ("dali",)
+
+
+@dataclass
+class Loaders:
+    train: torch.utils.data.DataLoader
+    train_sampler: ShardedBatchSampler
+    val: torch.utils.data.DataLoader
+    class_names: tuple[str, ...]
+    num_train: int
+    num_val: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_train // self.train_sampler.global_batch
+
+
+def check_supported(data: DataConfig, source: str) -> None:
+    """Start-up check of the loader choice, before anything is read."""
+    name = data.dataloader.name
+    if name in PLANNED_LOADERS:
+        raise UserError(f"{source}: data.dataloader.name = {name!r} is not yet supported; "
+                        f"use --set data.dataloader.name=\"hf\" for now")
+    if data.data_dir.startswith(HUB_PREFIX) and name != "hf":
+        raise UserError(f"{source}: data.data_dir = {data.data_dir!r} is a Hub data set, which only "
+                        "data.dataloader.name = \"hf\" can read")
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """Local folder for ``builtin:`` data sets (generated on first use); other values unchanged."""
+    if data_dir.startswith(BUILTIN_PREFIX):
+        return str(ensure_builtin_dataset(data_dir[len(BUILTIN_PREFIX):]))
+    return data_dir
+
+
+def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
+                  num_processes: int, rank: int, seed: int, pin_memory: bool) -> Loaders:
+    loader_cfg = data.dataloader
+    if data.data_dir.startswith(HUB_PREFIX):
+        train_table, val_table, class_names = hf.hub_tables(data.data_dir[len(HUB_PREFIX):], data)
+        image_column, label_column = loader_cfg.image_column, loader_cfg.label_column
+    else:
+        train_split, val_split = scan_image_folder(Path(data.data_dir), data.num_classes)
+        train_table, val_table = hf.folder_table(train_split), hf.folder_table(val_split)
+        class_names = train_split.class_names
+        image_column, label_column = "image", "label"
+    train_set, val_set = hf.make_datasets(train_table, val_table, image_column, label_column, preprocess, seed)
+
+    global_batch = per_process_batch * num_processes
+    if len(train_set) < global_batch:
+        raise DataError(f"data.data_dir: {len(train_set)} training images are fewer than one global batch "
+                        f"(train.batch_size = {global_batch}); lower train.batch_size")
+    train_sampler = ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed)
+    val_sampler = EvalBatchSampler(len(val_set), per_process_batch, num_processes, rank)
+    workers = loader_cfg.num_data_workers
+    return Loaders(
+        train=hf.make_loader(train_set, train_sampler, workers, pin_memory),
+        train_sampler=train_sampler,
+        val=hf.make_loader(val_set, val_sampler, workers, pin_memory),
+        class_names=class_names,
+        num_train=len(train_set),
+        num_val=len(val_set),
+    )

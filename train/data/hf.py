@@ -1,0 +1,108 @@
+"""The Hugging Face ``datasets`` loader (``[dataloader] name = "hf"``).
+
+It serves an ImageNet-layout folder (listed by ``folder.py``, decoded with PIL) or a Hub
+data set (``data_dir = "hf-hub:<id>"``), through torch DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import datasets
+import torch
+from PIL import Image
+
+from ..config import DataConfig, PreprocessConfig
+from .folder import DataError, FolderSplit
+from .transforms import EvalPreset, TrainPreset
+
+
+def _open_image(value, where: str) -> Image.Image:
+    """A PIL RGB image from a file path, PIL image or {'bytes', 'path'} record."""
+    try:
+        if isinstance(value, str):
+            with Image.open(value) as image:
+                return image.convert("RGB")
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                with Image.open(io.BytesIO(value["bytes"])) as image:
+                    return image.convert("RGB")
+            with Image.open(value["path"]) as image:
+                return image.convert("RGB")
+        return value.convert("RGB")
+    except Exception as exc:  # PIL raises many types for a bad file; all mean the same here
+        raise DataError(f"cannot decode image {where}: {exc.__class__.__name__}: {exc}") from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses sample ``index`` of a ``datasets.Dataset`` for a given epoch."""
+
+    def __init__(self, table: datasets.Dataset, image_column: str, label_column: str, preset, seed: int):
+        self.table = table
+        self.image_column = image_column
+        self.label_column = label_column
+        self.preset = preset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        row = self.table[index]
+        value = row[self.image_column]
+        where = value if isinstance(value, str) else f"#{index} of {self.table.info.dataset_name or 'the data set'}"
+        image = _open_image(value, where)
+        rng = random.Random(f"{self.seed}/{epoch}/{index}")
+        return self.preset(image, rng), row[self.label_column]
+
+
+def folder_table(split: FolderSplit) -> datasets.Dataset:
+    """A ``datasets.Dataset`` of (path, label) rows; images are decoded lazily by ImageDataset."""
+    return datasets.Dataset.from_dict({"image": list(split.paths), "label": list(split.labels)})
+
+
+def hub_tables(dataset_id: str, data: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset, tuple[str, ...]]:
+    """Train and val splits of a Hub data set (or a local data set folder), with class names."""
+    loader = data.dataloader
+    try:
+        train = datasets.load_dataset(dataset_id, split=loader.train_split)
+        val = datasets.load_dataset(dataset_id, split=loader.val_split)
+    except Exception as exc:  # offline, unknown id, missing split: all are input problems
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DataError(f"data.data_dir: cannot load Hugging Face data set {dataset_id!r} "
+                        f"(splits {loader.train_split!r}/{loader.val_split!r}): {first_line}") from None
+    for table, split in ((train, loader.train_split), (val, loader.val_split)):
+        for column in (loader.image_column, loader.label_column):
+            if column not in table.column_names:
+                raise DataError(f"data.dataloader: split {split!r} of {dataset_id!r} has no column {column!r} "
+                                f"(columns: {', '.join(table.column_names)})")
+    label_feature = train.features[loader.label_column]
+    if hasattr(label_feature, "names"):
+        class_names = tuple(label_feature.names)
+    else:
+        class_names = tuple(str(i) for i in range(max(train[loader.label_column]) + 1))
+    if len(class_names) != data.num_classes:
+        raise DataError(f"data.num_classes = {data.num_classes} but {dataset_id!r} has {len(class_names)} "
+                        "classes; set data.num_classes to match")
+    return train, val, class_names
+
+
+def make_datasets(train_table: datasets.Dataset, val_table: datasets.Dataset, image_column: str,
+                  label_column: str, preprocess: PreprocessConfig, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    train_preset = TrainPreset(preprocess.train_crop_size, preprocess.interpolation)
+    val_preset = EvalPreset(preprocess.val_image_size, preprocess.val_crop_size, preprocess.interpolation)
+    return (ImageDataset(train_table, image_column, label_column, train_preset, seed),
+            ImageDataset(val_table, image_column, label_column, val_preset, seed))
+
+
+def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

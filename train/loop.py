@@ -1,0 +1,215 @@
+"""The training loop: set up, then for each epoch train, evaluate and record.
+
+Accelerate owns processes, devices and mixed precision; this module decides what happens
+in a step and when to evaluate. Sharding of the data is the loaders' job (see
+``data/sampling.py``), which is why loaders are not passed through ``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, broadcast_object_list, set_seed
+
+from .config import Config, TrainConfig
+from .data import build_loaders, resolve_data_dir
+from .models import build_model
+from .optim import build_optimizer
+from .progress import EpochProgress
+from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
+from .schedules import build_schedule
+
+LOG = logging.getLogger("train")
+
+
+@dataclass
+class RunOptions:
+    """What the entry point knows besides the config: plain values, read once."""
+    output_dir: Path | None = None
+    job_id: str | None = None  # SLURM_JOB_ID, names the default run directory
+    launcher_mixed_precision: str | None = None  # what `accelerate launch` asked for, if anything
+
+
+def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: bool,
+                           cuda_capability: tuple[int, int] | None) -> str | None:
+    """``None`` lets Accelerate apply the launcher's choice; otherwise "no", "bf16" or "fp16"."""
+    if not use_amp:
+        return "no"
+    if launcher_choice:
+        return None
+    if not cuda:
+        return "no"  # CPU autocast is slower than fp32 for these models
+    return "bf16" if cuda_capability and cuda_capability >= (8, 0) else "fp16"
+
+
+def make_accelerator(train: TrainConfig, options: RunOptions) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    capability = torch.cuda.get_device_capability() if cuda else None
+    mixed = choose_mixed_precision(train.use_amp, options.launcher_mixed_precision, cuda, capability)
+    # cpu=True without CUDA: a 2-process CPU launch then forms a real gloo process group
+    # instead of two independent single-process runs.
+    return Accelerator(cpu=not cuda, mixed_precision=mixed, dynamo_backend="inductor" if train.compile else None)
+
+
+def resolve_run_dir(accelerator: Accelerator, options: RunOptions) -> Path:
+    """The run directory, the same on every process (the main process's timestamp wins)."""
+    if options.output_dir is not None:
+        run_dir = Path(options.output_dir)
+    else:
+        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(stamp, from_process=0)
+        run_dir = default_run_dir(options.job_id, stamp[0])
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every process the main process's buffers (BatchNorm statistics).
+
+    Each process updates its running statistics from its own shard, so they drift apart
+    between DDP's broadcasts; evaluating with identical buffers makes the result exact.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        buffer.copy_(broadcast(buffer.detach().clone(), from_process=0))
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Accelerator,
+                    train: TrainConfig, progress: EpochProgress, first_step: int) -> tuple[float, int]:
+    """One pass over this process's shard. Returns (mean loss over all processes, steps)."""
+    model.train()
+    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    loss_sum = torch.zeros((), device=accelerator.device)
+    steps = 0
+    for images, labels in loader:
+        images = images.to(accelerator.device, non_blocking=True)
+        if images.ndim == 4:
+            images = images.contiguous(memory_format=memory_format)
+        labels = labels.to(accelerator.device, non_blocking=True)
+
+        logits = model(images)
+        loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if train.grad_clip_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), train.grad_clip_norm)
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep lr in step with updates
+            scheduler.step()
+
+        loss_sum += loss.detach()
+        steps += 1
+        # Reading the loss back waits for the device, so it happens only every log_freq steps.
+        at_log_step = (first_step + steps) % train.log.log_freq == 0
+        progress.update(steps, loss.item() if at_log_step else None, optimizer.param_groups[0]["lr"])
+    mean_loss = accelerator.reduce(loss_sum, "sum").item() / (max(steps, 1) * accelerator.num_processes)
+    return mean_loss, steps
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, num_classes: int,
+             channels_last: bool) -> dict:
+    """Loss, top-1 and top-5 over the whole validation set, each image counted once."""
+    sync_buffers(model, accelerator)
+    # The unwrapped model: evaluation shards may differ in length by one batch, and no
+    # process may wait on a collective operation that another never reaches.
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    top_k = min(5, num_classes)
+    # loss sum, top-1 hits, top-5 hits, samples; float64 keeps large counts exact.
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    for images, labels in loader:
+        images = images.to(accelerator.device, non_blocking=True)
+        if images.ndim == 4:
+            images = images.contiguous(memory_format=memory_format)
+        labels = labels.to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            logits = net(images)
+        logits = logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
+        hits = logits.topk(top_k, dim=1).indices.eq(labels[:, None])
+        totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                               torch.tensor(len(labels), dtype=torch.float64, device=totals.device)])
+    totals = accelerator.reduce(totals, "sum").tolist()
+    samples = int(totals[3])
+    return {"val_loss": totals[0] / max(samples, 1), "val_acc1": 100 * totals[1] / max(samples, 1),
+            "val_acc5": 100 * totals[2] / max(samples, 1), "val_samples": samples}
+
+
+def run(config: Config, options: RunOptions) -> dict:
+    """Train and evaluate as configured; returns the last metrics record."""
+    train = config.train
+    accelerator = make_accelerator(train, options)
+    run_dir = resolve_run_dir(accelerator, options)
+    setup_logging(run_dir, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        write_config(run_dir, config)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    set_seed(train.reproduce.seed)
+
+    with accelerator.main_process_first():  # the built-in data set is generated once
+        data_dir = resolve_data_dir(config.data.data_dir)
+    per_process_batch = train.batch_size // accelerator.num_processes
+    loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
+                            per_process_batch, accelerator.num_processes, accelerator.process_index,
+                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda")
+
+    model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
+                        train.preprocess.val_crop_size)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, train.optim, train.lr)
+    # The schedule is stepped by hand: accelerator.prepare would step it once per process.
+    scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+
+    LOG.info(f"run directory: {run_dir.resolve()}")
+    LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
+             f"mixed precision {accelerator.mixed_precision}; data {config.data.data_dir}: "
+             f"{loaders.num_train} train / {loaders.num_val} val images, {len(loaders.class_names)} classes; "
+             f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}")
+
+    step, train_time, record = 0, 0.0, {}
+    for epoch in range(train.max_epochs):
+        loaders.train_sampler.set_epoch(epoch)
+        progress = EpochProgress(epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
+                                 enabled=accelerator.is_main_process)
+        start = time.perf_counter()
+        train_loss, steps = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion,
+                                            accelerator, train, progress, step)
+        epoch_time = time.perf_counter() - start
+        progress.close()
+        step += steps
+        train_time += epoch_time
+
+        last_epoch = epoch + 1 == train.max_epochs
+        if (epoch + 1) % train.eval_freq and not last_epoch:
+            continue
+        val = evaluate(model, loaders.val, accelerator, train.label_smoothing, config.data.num_classes,
+                       train.channels_last)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, **val,
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                  "train_time_s": train_time, "images_per_s": steps * train.batch_size / epoch_time}
+        if accelerator.is_main_process:
+            metrics_log.append(record)
+        LOG.info(f"epoch {epoch + 1}/{train.max_epochs} step {step}: train loss {train_loss:.4f}, "
+                 f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, top-5 {val['val_acc5']:.2f}% "
+                 f"({val['val_samples']} images), {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s")
+
+    LOG.info(f"finished: top-1 {record['val_acc1']:.2f}%, top-5 {record['val_acc5']:.2f}% after {step} steps, "
+             f"training time {train_time:.1f}s")
+    LOG.info(f"outputs: {run_dir.resolve()} (config.toml, metrics.jsonl, train.log)")
+    accelerator.end_training()
+    return record

@@ -1,0 +1,39 @@
+"""Models come from timm, by name; the seed's short names are aliases of timm names."""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+
+from .config import UserError
+
+ALIASES = {"vit_base_16": "vit_base_patch16_224"}
+
+
+def resolve_arch(name: str) -> str:
+    """The timm model name for ``train.arch``, or a one-line error with close matches."""
+    arch = ALIASES.get(name, name)
+    if timm.is_model(arch):
+        return arch
+    candidates = timm.list_models() + list(ALIASES)
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "; see timm.list_models()"
+    raise UserError(f"train.arch: unknown model {name!r}{hint}")
+
+
+def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size: int) -> torch.nn.Module:
+    """A randomly initialised timm model for ``num_classes`` classes.
+
+    Models with a fixed input size (ViTs) are built for the validation crop and told to
+    accept other sizes when training crops differ from it.
+    """
+    arch = resolve_arch(arch)
+    kwargs = {"num_classes": num_classes}
+    pretrained_cfg = timm.models.get_pretrained_cfg(arch)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = val_crop_size
+        if train_crop_size != val_crop_size:
+            kwargs["dynamic_img_size"] = True
+    return timm.create_model(arch, pretrained=False, **kwargs)

@@ -1,0 +1,51 @@
+"""Learning-rate schedules, stepped once per optimizer step (not per epoch)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .config import ConstantScheduleConfig, CosineScheduleConfig, ScheduleConfig
+
+
+def cosine_with_warmup(peak_lr: float, warmup_steps: int, total_steps: int, warmup_decay: float,
+                       eta_min: float) -> Callable[[int], float]:
+    """lr(step): linear from ``peak_lr * warmup_decay`` to ``peak_lr`` over ``warmup_steps``,
+    then a half cosine from ``peak_lr`` down to ``eta_min`` at ``total_steps``."""
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return peak_lr * (warmup_decay + (1 - warmup_decay) * step / warmup_steps)
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return eta_min + (peak_lr - eta_min) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return lr_at
+
+
+def constant(peak_lr: float) -> Callable[[int], float]:
+    return lambda step: peak_lr
+
+
+def lr_function(cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int, max_epochs: int) -> Callable[[int], float]:
+    if isinstance(cfg, CosineScheduleConfig):
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        return cosine_with_warmup(peak_lr, warmup_steps, steps_per_epoch * max_epochs, cfg.warmup_decay, cfg.eta_min)
+    if isinstance(cfg, ConstantScheduleConfig):
+        return constant(peak_lr)
+    raise TypeError(f"no schedule for {cfg!r}")  # unreachable: config validation names the choices
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,
+                   steps_per_epoch: int, max_epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR whose lr after ``n`` calls to ``step()`` is ``lr_function(...)(n)``.
+
+    Every parameter group starts at ``peak_lr``, so the multiplier is lr(step) / peak_lr.
+    """
+    lr_at = lr_function(cfg, peak_lr, steps_per_epoch, max_epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr
+        group.setdefault("initial_lr", peak_lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / peak_lr)
