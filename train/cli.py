@@ -12,7 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from .config import UserError, load_config
+from . import data, models, optim
+from .config import UserError, describe_source, load_config
+from .loop import RunOptions, run
 
 DEFAULTS = Path(__file__).parent / "defaults"
 BUILTIN_DATA = DEFAULTS / "builtin-data.toml"
@@ -58,21 +60,27 @@ def _is_main_process() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from . import data, models, optim
-        from .loop import RunOptions, run
-
         data_cfg = args.data_cfg or BUILTIN_DATA
         train_cfg = args.train_cfg or BUILTIN_TRAIN
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
         config = load_config(data_cfg, train_cfg, args.overrides, num_processes)
         models.resolve_arch(config.train.arch)
-        optim.check_supported(config.train.optim, str(train_cfg))
-        data.check_supported(config.data, str(data_cfg))
-        options = RunOptions(output_dir=args.output_dir, job_id=os.environ.get("SLURM_JOB_ID") or None,
-                             launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None)
-        run(config, options)
+        optim.check_supported(config.train.optim, describe_source(train_cfg, "train", args.overrides))
+        data.check_supported(config.data, describe_source(data_cfg, "data", args.overrides))
     except UserError as exc:
+        # Every process validates the same files and fails alike: one report is enough.
         if _is_main_process():
             print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+    options = RunOptions(output_dir=args.output_dir, job_id=os.environ.get("SLURM_JOB_ID") or None,
+                         launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None)
+    try:
+        run(config, options)
+    except UserError as exc:
+        # Problems found while reading data may concern one process only: each reports.
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"error: {prefix}{_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

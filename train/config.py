@@ -343,7 +343,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw_value}")["v"]
     except tomllib.TOMLDecodeError:
-        if re.fullmatch(r"[A-Za-z_][\w\-./:]*", raw_value):
+        if re.fullmatch(r"[^\s\"'\[\]{}=,#]+", raw_value):
             value = raw_value
         else:
             raise ConfigError(f"--set {text!r}: {raw_value!r} is not a TOML value "
@@ -364,6 +364,12 @@ def apply_override(tables: dict[str, dict], parts: list[str], value: Any) -> Non
 # --------------------------------------------------------------------------- loading
 
 
+def describe_source(path: str | Path, section: str, overrides: list[str]) -> str:
+    """How error messages name where a section's values came from."""
+    touched = any(text.strip().startswith(section + ".") for text in overrides)
+    return f"{path}{' (with --set)' if touched else ''}"
+
+
 def load_config(data_path: str | Path, train_path: str | Path, overrides: list[str] = (),
                 num_processes: int = 1) -> Config:
     """Read both TOML files, apply ``--set`` overrides and validate the result."""
@@ -372,11 +378,9 @@ def load_config(data_path: str | Path, train_path: str | Path, overrides: list[s
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tables, parts, value)
-    overridden = {text.partition("=")[0].strip() for text in overrides}
 
     def source_of(section: str) -> str:
-        touched = any(key.startswith(section + ".") for key in overridden)
-        return sources[section] + (" (with --set)" if touched else "")
+        return describe_source(sources[section], section, overrides)
 
     if "data_dir" not in tables["data"] or tables["data"]["data_dir"] == "":
         raise ConfigError(f"{source_of('data')}: missing required key 'data.data_dir' "

@@ -40,12 +40,12 @@ class Loaders:
 def check_supported(data: DataConfig, source: str) -> None:
     """Start-up check of the loader choice, before anything is read."""
     name = data.dataloader.name
-    if name in PLANNED_LOADERS:
-        raise UserError(f"{source}: data.dataloader.name = {name!r} is not yet supported; "
-                        f"use --set data.dataloader.name=\"hf\" for now")
     if data.data_dir.startswith(HUB_PREFIX) and name != "hf":
         raise UserError(f"{source}: data.data_dir = {data.data_dir!r} is a Hub data set, which only "
                         "data.dataloader.name = \"hf\" can read")
+    if name in PLANNED_LOADERS:
+        raise UserError(f"{source}: data.dataloader.name = {name!r} is not yet supported; "
+                        f"use --set data.dataloader.name=\"hf\" for now")
 
 
 def resolve_data_dir(data_dir: str) -> str:

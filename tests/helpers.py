@@ -1,0 +1,85 @@
+"""Test helpers: tiny ImageNet-layout folders and running the trainer as a real command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from train.data.builtin import CLASS_NAMES, render_image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, val_counts: tuple[int, ...] = (5, 5, 5),
+                      size: int = 40) -> Path:
+    """An ImageNet-layout folder of small learnable JPEGs (built-in generator classes)."""
+    for split, counts in (("train", [train_per_class] * classes), ("val", list(val_counts))):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(counts[c]):
+                seed = i if split == "train" else 10_000 + i
+                render_image(c, seed).resize((size, size)).save(folder / f"img_{i:04d}.JPEG", quality=90)
+    return root
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def tiny_train_toml(**overrides) -> str:
+    """A training config that runs in seconds on the CPU."""
+    values = {"batch_size": 8, "max_epochs": 1, "lr": 0.05, "arch": '"resnet18"', "use_amp": "false"}
+    values.update(overrides)
+    top = "\n".join(f"{k} = {v}" for k, v in values.items())
+    return top + """
+[preprocess]
+train_crop_size = 32
+val_image_size = 36
+val_crop_size = 32
+
+[optim]
+name = "sgd"
+momentum = 0.9
+weight_decay = 1e-4
+
+[lr_scheduler]
+name = "cosine"
+warmup_epochs = 0.5
+
+[reproduce]
+seed = 3
+
+[log]
+log_freq = 2
+"""
+
+
+def data_toml(data_dir: Path | str, num_classes: int = 3, workers: int = 0) -> str:
+    return f'data_dir = "{data_dir}"\nnum_classes = {num_classes}\n\n[dataloader]\nname = "hf"\nnum_data_workers = {workers}\n'
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "SLURM_"))}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], launcher: list[str] | None = None, timeout: float = 600, cwd_dir: Path | None = None,
+              **env) -> subprocess.CompletedProcess:
+    """``python -m train ARGS`` in a fresh process, or under ``launcher`` (e.g. accelerate launch ...)."""
+    command = (launcher or [sys.executable]) + ["-m", "train"] + args
+    return subprocess.run(command, cwd=cwd_dir or REPO, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def accelerate_launch(num_processes: int, port: int) -> list[str]:
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    config = REPO / "accelerate_configs" / ("2xCPU.yaml" if num_processes == 2 else "1xCPU.yaml")
+    return [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(port)]

@@ -1,0 +1,208 @@
+"""Config loading and validation: every user error is one line naming file, key and value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, data_toml, tiny_train_toml, write
+from train.cli import main
+from train.config import (ConfigError, CosineScheduleConfig, SGDConfig, load_config, parse_override,
+                          read_toml, to_dict)
+
+
+@pytest.fixture
+def files(tmp_path):
+    data = write(tmp_path / "data.toml", data_toml("/some/folder"))
+    train = write(tmp_path / "train.toml", tiny_train_toml())
+    return data, train
+
+
+def error_of(data, train, overrides=(), num_processes=1) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(data, train, list(overrides), num_processes)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_files_give_typed_values(files):
+    config = load_config(*files)
+    assert config.train.batch_size == 8 and isinstance(config.train.lr, float)
+    assert isinstance(config.train.optim, SGDConfig) and config.train.optim.momentum == 0.9
+    assert isinstance(config.train.lr_scheduler, CosineScheduleConfig)
+    assert config.data.dataloader.name == "hf"
+
+
+def test_unknown_key_names_file_and_suggests_closest(files, tmp_path):
+    data, _ = files
+    train = write(tmp_path / "typo.toml", tiny_train_toml().replace("momentum", "momentun"))
+    message = error_of(data, train)
+    assert str(train) in message and "'train.optim.momentun'" in message and "'train.optim.momentum'" in message
+
+
+def test_unknown_top_level_key_in_data_file(files, tmp_path):
+    _, train = files
+    data = write(tmp_path / "d.toml", data_toml("/x") + "num_clases = 3\n")
+    # A key after a table header belongs to the table: the dotted name says where it landed.
+    message = error_of(data, train)
+    assert str(data) in message and "data.dataloader.num_clases" in message
+
+
+def test_wrong_type_names_key_and_value(files):
+    message = error_of(*files, ["train.batch_size=\"big\""])
+    assert "train.batch_size must be an integer" in message and "'big'" in message
+
+
+def test_bool_is_not_a_number(files):
+    assert "train.lr must be a number, got true" in error_of(*files, ["train.lr=true"])
+
+
+def test_negative_lr_is_out_of_range(files):
+    assert "train.lr must be > 0, got -0.1" in error_of(*files, ["train.lr=-0.1"])
+
+
+def test_batch_size_must_divide_among_processes(files):
+    message = error_of(*files, ["train.batch_size=9"], num_processes=2)
+    assert "train.batch_size (9)" in message and "number of processes (2)" in message
+    load_config(*files, ["train.batch_size=10"], num_processes=2)
+
+
+def test_crop_larger_than_resize(files):
+    message = error_of(*files, ["train.preprocess.val_crop_size=64"])
+    assert "val_crop_size (64)" in message and "val_image_size (36)" in message
+
+
+def test_unknown_choice_suggests(files):
+    message = error_of(*files, ['train.lr_scheduler.name="cosin"'])
+    assert "train.lr_scheduler.name must be one of" in message and "did you mean 'cosine'" in message
+    assert "train.optim.name must be one of" in error_of(*files, ['train.optim.name="lamb"'])
+
+
+def test_optimizer_keys_are_checked_against_the_chosen_optimizer(files):
+    # 'rho' belongs to SAM, not to SGD.
+    assert "unknown key 'train.optim.rho'" in error_of(*files, ["train.optim.rho=0.05"])
+
+
+def test_toml_syntax_error_gives_line_and_column(files, tmp_path):
+    data, _ = files
+    broken = write(tmp_path / "broken.toml", "batch_size = 8\nlr = = 0.1\n")
+    message = error_of(data, broken)
+    assert str(broken) in message and "line 2, column" in message
+
+
+def test_missing_file(files, tmp_path):
+    data, _ = files
+    assert "config file not found" in error_of(data, tmp_path / "nope.toml")
+
+
+def test_missing_data_dir(files, tmp_path):
+    _, train = files
+    data = write(tmp_path / "nodir.toml", "num_classes = 3\n")
+    assert "missing required key 'data.data_dir'" in error_of(data, train)
+
+
+def test_schedule_free_rejects_cosine(files):
+    message = error_of(*files, ['train.optim={name="sgd-schedule-free"}'])
+    assert "'constant'" in message and "'cosine'" in message
+
+
+@pytest.mark.parametrize("text, parts, value", [
+    ("train.lr=0.5", ["train", "lr"], 0.5),
+    ('data.dataloader.name="hf"', ["data", "dataloader", "name"], "hf"),
+    ("train.optim.momentum=0.9", ["train", "optim", "momentum"], 0.9),
+    ("train.arch=resnet18", ["train", "arch"], "resnet18"),
+    ("data.data_dir=/data/imagenet", ["data", "data_dir"], "/data/imagenet"),
+    ("train.use_amp=false", ["train", "use_amp"], False),
+    ("train.max_epochs=3", ["train", "max_epochs"], 3),
+])
+def test_set_takes_toml_values(text, parts, value):
+    assert parse_override(text) == (parts, value)
+
+
+@pytest.mark.parametrize("text", ["lr=0.5", "train.lr", "model.lr=1", "train.lr=[1,"])
+def test_bad_set_is_an_error(text):
+    with pytest.raises(ConfigError):
+        parse_override(text)
+
+
+def test_set_overrides_nested_values(files):
+    config = load_config(*files, ["train.optim.momentum=0.5", "train.lr=0.5", 'data.dataloader.name="dali"'])
+    assert config.train.optim.momentum == 0.5 and config.train.lr == 0.5 and config.data.dataloader.name == "dali"
+
+
+SEED_CONFIGS = ["resnet50-adam", "resnet50-sgd", "resnet50-sf-sgd", "resnet50-sgd-sam-v1", "resnet50-sgd-sam-v2",
+                "resnet18-sgd", "resnet18-sgd-sam-v1", "resnet18-sgd-sam-v2", "vit_base_16", "vgg16", "vgg16_bn"]
+
+
+@pytest.mark.parametrize("name", SEED_CONFIGS)
+def test_shipped_train_configs_are_valid_and_keep_the_seed_recipe(name):
+    config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
+    t = config.train
+    assert (t.batch_size, t.max_epochs, t.label_smoothing) == (1024, 90, 0.1)
+    assert (t.preprocess.val_image_size, t.preprocess.val_crop_size, t.preprocess.interpolation) == (256, 224, "bilinear")
+    if name != "vit_base_16":
+        assert t.preprocess.train_crop_size == 176
+    if name == "resnet50-sf-sgd":
+        assert (t.lr, t.optim.momentum, t.optim.weight_decay, t.optim.r, t.optim.weight_lr_power) == (10, 0.9, 5e-5, 0.75, 2)
+        assert t.lr_scheduler.name == "constant"
+    else:
+        assert (t.lr_scheduler.warmup_epochs, t.lr_scheduler.warmup_decay) == (5, 0.01)
+    if name in ("resnet50-sgd", "resnet18-sgd") or "sam" in name:
+        assert (t.lr, t.optim.momentum, t.optim.weight_decay) == (1.0, 0.875, 1 / 32768)
+    if name.endswith("sam-v1"):
+        assert (t.optim.rho, t.optim.v2) == (0.05, False)
+    if name.endswith("sam-v2"):
+        assert (t.optim.rho, t.optim.adaptive, t.optim.v2) == (1.0, True, True)
+    if name == "resnet50-adam":
+        assert (t.optim.name, t.lr) == ("adam", 1e-3)
+
+
+def test_shipped_data_configs():
+    assert load_config(REPO / "configs/data/imagenet.toml", REPO / "configs/train/resnet50-sgd.toml").data.dataloader.name == "dali"
+    assert load_config(REPO / "configs/data/imagenet-hf.toml", REPO / "configs/train/resnet50-sgd.toml").data.dataloader.name == "hf"
+
+
+def test_written_config_reloads_to_the_same_values(files, tmp_path):
+    import tomli_w
+    config = load_config(*files, ["train.lr=0.3"])
+    resolved = to_dict(config)
+    data = write(tmp_path / "d2.toml", tomli_w.dumps(resolved["data"]))
+    train = write(tmp_path / "t2.toml", tomli_w.dumps(resolved["train"]))
+    assert load_config(data, train) == config
+
+
+# ------------------------------------------------------------- through the entry point
+
+
+def cli_error(capsys, args) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_reports_unknown_arch_with_close_matches(capsys, files):
+    data, train = files
+    err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(train), "--set", "train.arch=resnet5"])
+    assert "unknown model 'resnet5'" in err and "resnet50" in err
+
+
+def test_cli_reports_unsupported_optimizer(capsys, files):
+    data, train = files
+    err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(REPO / "configs/train/resnet50-sgd-sam-v1.toml")])
+    assert "'sgd-sam' is not yet supported" in err
+
+
+def test_cli_reports_dali_not_yet_supported(capsys, files):
+    _, train = files
+    err = cli_error(capsys, ["--data-cfg", str(REPO / "configs/data/imagenet.toml"), "--train-cfg", str(train)])
+    assert "data.dataloader.name = 'dali'" in err
+
+
+def test_cli_reports_syntax_error(capsys, files, tmp_path):
+    data, _ = files
+    broken = write(tmp_path / "b.toml", "[optim\n")
+    err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(broken)])
+    assert "line 1, column" in err

@@ -1,0 +1,57 @@
+"""Learning-rate schedules: values at chosen steps, stepped per iteration."""
+
+import math
+
+import pytest
+import torch
+
+from train.config import ConstantScheduleConfig, CosineScheduleConfig
+from train.schedules import build_schedule, cosine_with_warmup, lr_function
+
+
+def test_cosine_warmup_starts_at_decay_fraction_and_reaches_peak():
+    lr_at = cosine_with_warmup(peak_lr=1.0, warmup_steps=10, total_steps=110, warmup_decay=0.01, eta_min=1e-5)
+    assert lr_at(0) == pytest.approx(0.01)
+    assert lr_at(5) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_at(10) == pytest.approx(1.0)
+    # Half-way through the cosine part: the mean of peak and floor.
+    assert lr_at(60) == pytest.approx(1e-5 + (1.0 - 1e-5) * 0.5)
+    assert lr_at(35) == pytest.approx(1e-5 + (1.0 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr_at(110) == pytest.approx(1e-5)
+    assert lr_at(200) == pytest.approx(1e-5)
+
+
+def test_seed_recipe_in_epochs():
+    # 5 warm-up epochs of 100 steps, 90 epochs in all.
+    cfg = CosineScheduleConfig(warmup_epochs=5, warmup_decay=0.01, eta_min=1e-5)
+    lr_at = lr_function(cfg, peak_lr=1.0, steps_per_epoch=100, max_epochs=90)
+    assert lr_at(0) == pytest.approx(0.01)
+    assert lr_at(250) == pytest.approx(0.505)
+    assert lr_at(500) == pytest.approx(1.0)
+    assert lr_at(9000) == pytest.approx(1e-5)
+
+
+def test_no_warmup():
+    lr_at = cosine_with_warmup(peak_lr=0.5, warmup_steps=0, total_steps=100, warmup_decay=0.01, eta_min=0.0)
+    assert lr_at(0) == pytest.approx(0.5)
+    assert lr_at(50) == pytest.approx(0.25)
+
+
+def test_constant():
+    lr_at = lr_function(ConstantScheduleConfig(), peak_lr=0.3, steps_per_epoch=10, max_epochs=5)
+    assert [lr_at(s) for s in (0, 7, 49)] == [0.3, 0.3, 0.3]
+
+
+def test_scheduler_object_follows_the_function_per_step():
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))]
+    optimizer = torch.optim.SGD([{"params": params[:1], "weight_decay": 0.0}, {"params": params[1:]}], lr=123.0)
+    cfg = CosineScheduleConfig(warmup_epochs=1, warmup_decay=0.1, eta_min=0.0)
+    scheduler = build_schedule(optimizer, cfg, peak_lr=2.0, steps_per_epoch=4, max_epochs=3)
+    lr_at = lr_function(cfg, 2.0, 4, 3)
+    seen = []
+    for _ in range(12):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert seen == [[pytest.approx(lr_at(s))] * 2 for s in range(12)]
+    assert seen[0][0] == pytest.approx(0.2) and seen[4][0] == pytest.approx(2.0)
