@@ -183,7 +183,7 @@ def run(config: Config, options: RunOptions) -> dict:
 
     step, train_time, record = 0, 0.0, {}
     for epoch in range(train.max_epochs):
-        loaders.train_sampler.set_epoch(epoch)
+        loaders.set_epoch(epoch, 0)
         progress = EpochProgress(epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
                                  enabled=accelerator.is_main_process)
         start = time.perf_counter()

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Callable, Iterable
 
 from ..config import DataConfig, PreprocessConfig, UserError
 from . import hf
@@ -25,16 +24,18 @@ PLANNED_LOADERS = ("dali",)
 
 @dataclass
 class Loaders:
-    train: torch.utils.data.DataLoader
-    train_sampler: ShardedBatchSampler
-    val: torch.utils.data.DataLoader
+    """What the training loop needs from an input pipeline; every loader provides this."""
+    # Yields (images, labels) batches: steps_per_epoch of them, as many on every process.
+    train: Iterable
+    # Yields (images, labels) for this process's shard of the validation set: every sample
+    # exactly once over all processes, no padding, no duplicates.
+    val: Iterable
     class_names: tuple[str, ...]
     num_train: int
     num_val: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_train // self.train_sampler.global_batch
+    steps_per_epoch: int
+    # Called before each epoch's pass over `train`: set_epoch(epoch, start_batch).
+    set_epoch: Callable[[int, int], None]
 
 
 def check_supported(data: DataConfig, source: str) -> None:
@@ -77,9 +78,10 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
     workers = loader_cfg.num_data_workers
     return Loaders(
         train=hf.make_loader(train_set, train_sampler, workers, pin_memory),
-        train_sampler=train_sampler,
         val=hf.make_loader(val_set, val_sampler, workers, pin_memory),
         class_names=class_names,
         num_train=len(train_set),
         num_val=len(val_set),
+        steps_per_epoch=len(train_set) // global_batch,
+        set_epoch=train_sampler.set_epoch,
     )
