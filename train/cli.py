@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from . import data, models, optim
 from .config import UserError, describe_source, load_config
 from .loop import RunOptions, run
+from .preemption import EXIT_PREEMPTED, Preempted
 
 DEFAULTS = Path(__file__).parent / "defaults"
 BUILTIN_DATA = DEFAULTS / "builtin-data.toml"
@@ -34,7 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override a config value in TOML syntax, e.g. --set train.lr=0.5 "
                              "--set data.dataloader.name='\"hf\"' (repeatable)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="run directory (default: runs/<SLURM_JOB_ID or timestamp>)")
+                        help="run directory (default: runs/<SLURM_JOB_ID or timestamp>); running the same "
+                             "command again resumes from its newest checkpoint")
+    parser.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",
+                        help="resume from this checkpoint folder (RUN/checkpoints/<step>) instead")
     return parser.parse_args(argv)
 
 
@@ -58,7 +63,8 @@ def _is_main_process() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv_used)
     try:
         data_cfg = args.data_cfg or BUILTIN_DATA
         train_cfg = args.train_cfg or BUILTIN_TRAIN
@@ -74,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
     options = RunOptions(output_dir=args.output_dir, job_id=os.environ.get("SLURM_JOB_ID") or None,
-                         launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None)
+                         launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None,
+                         resume=args.resume, command=" ".join(["python -m train", *map(shlex.quote, argv_used)]))
     try:
         run(config, options)
+    except Preempted as exc:
+        if _is_main_process():
+            print(f"preempted: {exc}; checkpoint written, exiting with status {EXIT_PREEMPTED} "
+                  "(run the same command again to resume)", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as exc:
         # Problems found while reading data may concern one process only: each reports.
         rank = os.environ.get("RANK")

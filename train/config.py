@@ -162,7 +162,10 @@ class ReproduceConfig:
 @dataclass
 class LogConfig:
     log_freq: int = _bounds(100, gt=0)  # steps between loss/lr log lines
-    checkpoint_freq: int = _bounds(45, gt=0)  # epochs between checkpoints
+    checkpoint_freq: int = _bounds(45, gt=0)  # epochs between checkpoints (the last epoch always saves)
+    checkpoint_every_steps: int = _bounds(0, ge=0)  # also every N optimizer steps (0: off)
+    checkpoint_every_minutes: float = _bounds(0.0, ge=0)  # also every N minutes of wall time (0: off)
+    keep_last: int = _bounds(2, gt=0)  # newest checkpoints kept, besides the best by val top-1
     # The seed's Weights & Biases switch; this project logs to TensorBoard instead.
     wandb_on: bool = False
     project: str = "imagenet-baselines"
@@ -362,6 +365,35 @@ def apply_override(tables: dict[str, dict], parts: list[str], value: Any) -> Non
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def load_config_text(text: str, source: str, num_processes: int = 1) -> Config:
+    """A Config from one TOML document with [data] and [train] tables (a run's config.toml)."""
+    try:
+        tables = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {_describe_toml_error(exc)}") from None
+    for section in ("data", "train"):
+        if not isinstance(tables.get(section), dict):
+            raise ConfigError(f"{source}: missing [{section}] table")
+    config = Config(data=_build(DataConfig, tables["data"], "data", source),
+                    train=_build(TrainConfig, tables["train"], "train", source))
+    check_consistency(config, source, num_processes)
+    return config
+
+
+def load_data_config(path: str | Path, overrides: list[str] = ()) -> DataConfig:
+    """Only the data file, with ``--set data.*`` overrides (for commands that bring their own model)."""
+    tables = {"data": read_toml(path), "train": {}}
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] != "data":
+            raise ConfigError(f"--set {text!r}: only data.* keys apply here")
+        apply_override(tables, parts, value)
+    source = describe_source(path, "data", list(overrides))
+    if not tables["data"].get("data_dir"):
+        raise ConfigError(f"{source}: missing required key 'data.data_dir'")
+    return _build(DataConfig, tables["data"], "data", source)
 
 
 def describe_source(path: str | Path, section: str, overrides: list[str]) -> str:

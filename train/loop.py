@@ -13,15 +13,20 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, broadcast_object_list, set_seed
 
-from .config import Config, TrainConfig
+from . import checkpoint
+from .checkpoint import EpochState, TrainerState
+from .config import Config, TrainConfig, to_dict
 from .data import build_loaders, resolve_data_dir
+from .export import write_model_folder
 from .models import build_model
 from .optim import build_optimizer
+from .preemption import Action, CheckpointPolicy, Preempted, StopRequests
 from .progress import EpochProgress
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .schedules import build_schedule
@@ -35,6 +40,8 @@ class RunOptions:
     output_dir: Path | None = None
     job_id: str | None = None  # SLURM_JOB_ID, names the default run directory
     launcher_mixed_precision: str | None = None  # what `accelerate launch` asked for, if anything
+    resume: Path | None = None  # --resume: this checkpoint rather than the run directory's newest
+    command: str = "python -m train"  # the command line, for the exported model card
 
 
 def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: bool,
@@ -85,12 +92,17 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Accelerator,
-                    train: TrainConfig, progress: EpochProgress, first_step: int) -> tuple[float, int]:
-    """One pass over this process's shard. Returns (mean loss over all processes, steps)."""
+                    train: TrainConfig, progress: EpochProgress, first_step: int, state: EpochState,
+                    policy: CheckpointPolicy, save: Callable[[EpochState], None]) -> bool:
+    """Continue the epoch from ``state`` over this process's shard; ``state`` is updated.
+
+    After each step ``policy`` may ask for a checkpoint (``save`` is called with the epoch's
+    position) or for a stop. Returns False when stopped before the epoch's end.
+    """
     model.train()
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
-    loss_sum = torch.zeros((), device=accelerator.device)
-    steps = 0
+    loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
+    started = time.perf_counter() - state.seconds
     for images, labels in loader:
         images = images.to(accelerator.device, non_blocking=True)
         if images.ndim == 4:
@@ -108,12 +120,26 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator:
             scheduler.step()
 
         loss_sum += loss.detach()
-        steps += 1
+        state.batches_done += 1
+        step = first_step + state.batches_done
         # Reading the loss back waits for the device, so it happens only every log_freq steps.
-        at_log_step = (first_step + steps) % train.log.log_freq == 0
-        progress.update(steps, loss.item() if at_log_step else None, optimizer.param_groups[0]["lr"])
-    mean_loss = accelerator.reduce(loss_sum, "sum").item() / (max(steps, 1) * accelerator.num_processes)
-    return mean_loss, steps
+        at_log_step = step % train.log.log_freq == 0
+        progress.update(state.batches_done, loss.item() if at_log_step else None, optimizer.param_groups[0]["lr"])
+
+        action = policy.after_step(step)
+        if action:
+            state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+            save(state)
+            if action & Action.STOP:
+                return False
+    state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+    return True
+
+
+def epoch_mean_loss(state: EpochState, accelerator: Accelerator) -> float:
+    """The epoch's training loss averaged over all steps of all processes."""
+    total = accelerator.reduce(torch.tensor(state.loss_sum, dtype=torch.float64, device=accelerator.device), "sum")
+    return total.item() / (max(state.batches_done, 1) * accelerator.num_processes)
 
 
 @torch.no_grad()
@@ -148,13 +174,24 @@ def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, nu
 
 
 def run(config: Config, options: RunOptions) -> dict:
-    """Train and evaluate as configured; returns the last metrics record."""
+    """Train and evaluate as configured, resuming from a checkpoint when there is one.
+
+    Returns the last metrics record; raises Preempted after a stop signal's checkpoint.
+    """
     train = config.train
     accelerator = make_accelerator(train, options)
     run_dir = resolve_run_dir(accelerator, options)
-    setup_logging(run_dir, accelerator.is_main_process)
+    config_table = to_dict(config)
+    # Every process reads the same files and reaches the same decision (or the same error).
+    resume_from = checkpoint.choose_resume_point(run_dir, config_table, options.resume)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if resume_from is None:
+            start_afresh(run_dir)
+        checkpoint.remove_partial_saves(run_dir)
         write_config(run_dir, config)
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, accelerator.is_main_process)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     set_seed(train.reproduce.seed)
 
@@ -175,41 +212,85 @@ def run(config: Config, options: RunOptions) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
 
+    trainer, epoch_state = TrainerState(class_names=list(loaders.class_names)), EpochState()
+    if resume_from is not None:
+        trainer, epoch_state = checkpoint.load(accelerator, resume_from, scheduler)
+        if accelerator.is_main_process:
+            metrics_log.rewrite(trainer.metrics)  # drop records written after that checkpoint
+        LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
+                 f"step {trainer.step}")
+
     LOG.info(f"run directory: {run_dir.resolve()}")
     LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
              f"mixed precision {accelerator.mixed_precision}; data {config.data.data_dir}: "
              f"{loaders.num_train} train / {loaders.num_val} val images, {len(loaders.class_names)} classes; "
              f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}")
 
-    step, train_time, record = 0, 0.0, {}
-    for epoch in range(train.max_epochs):
-        loaders.set_epoch(epoch, 0)
-        progress = EpochProgress(epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
-                                 enabled=accelerator.is_main_process)
-        start = time.perf_counter()
-        train_loss, steps = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion,
-                                            accelerator, train, progress, step)
-        epoch_time = time.perf_counter() - start
-        progress.close()
-        step += steps
-        train_time += epoch_time
+    def save_checkpoint(state: EpochState) -> None:
+        if loaders.state_dict is not None:
+            state.loader_state = loaders.state_dict()
+        path = checkpoint.save(accelerator, run_dir, trainer, state, scheduler, train.log.keep_last)
+        policy.saved()
+        LOG.info(f"checkpoint: {path}")
 
-        last_epoch = epoch + 1 == train.max_epochs
-        if (epoch + 1) % train.eval_freq and not last_epoch:
-            continue
-        val = evaluate(model, loaders.val, accelerator, train.label_smoothing, config.data.num_classes,
-                       train.channels_last)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, **val,
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
-                  "train_time_s": train_time, "images_per_s": steps * train.batch_size / epoch_time}
-        if accelerator.is_main_process:
-            metrics_log.append(record)
-        LOG.info(f"epoch {epoch + 1}/{train.max_epochs} step {step}: train loss {train_loss:.4f}, "
-                 f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, top-5 {val['val_acc5']:.2f}% "
-                 f"({val['val_samples']} images), {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s")
+    requests = StopRequests().install()
+    policy = CheckpointPolicy(requests, train.log.checkpoint_every_steps, train.log.checkpoint_every_minutes,
+                              accelerator.num_processes, accelerator.is_main_process)
+    try:
+        while trainer.epoch < train.max_epochs:
+            epoch = trainer.epoch
+            loaders.set_epoch(epoch, epoch_state.batches_done)
+            if epoch_state.loader_state is not None and loaders.load_state_dict is not None:
+                loaders.load_state_dict(epoch_state.loader_state)
+            progress = EpochProgress(epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
+                                     enabled=accelerator.is_main_process, start=epoch_state.batches_done)
+            finished = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion, accelerator, train,
+                                       progress, trainer.step, epoch_state, policy, save_checkpoint)
+            progress.close()
+            if not finished:
+                raise Preempted(f"stopped by signal {requests.received} after step "
+                                f"{trainer.step + epoch_state.batches_done}")
 
-    LOG.info(f"finished: top-1 {record['val_acc1']:.2f}%, top-5 {record['val_acc5']:.2f}% after {step} steps, "
-             f"training time {train_time:.1f}s")
-    LOG.info(f"outputs: {run_dir.resolve()} (config.toml, metrics.jsonl, train.log)")
+            train_loss = epoch_mean_loss(epoch_state, accelerator)
+            steps, epoch_time = epoch_state.batches_done, epoch_state.seconds
+            trainer = dataclasses.replace(trainer, epoch=epoch + 1, step=trainer.step + steps,
+                                          train_time_s=trainer.train_time_s + epoch_time)
+            epoch_state = EpochState()
+            last_epoch = epoch + 1 == train.max_epochs
+            if (epoch + 1) % train.eval_freq == 0 or last_epoch:
+                val = evaluate(model, loaders.val, accelerator, train.label_smoothing, config.data.num_classes,
+                               train.channels_last)
+                record = {"epoch": epoch + 1, "step": trainer.step, "train_loss": train_loss, **val,
+                          "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                          "train_time_s": trainer.train_time_s, "images_per_s": steps * train.batch_size / epoch_time}
+                trainer.metrics.append(record)
+                if accelerator.is_main_process:
+                    metrics_log.append(record)
+                LOG.info(f"epoch {epoch + 1}/{train.max_epochs} step {trainer.step}: train loss {train_loss:.4f}, "
+                         f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, "
+                         f"top-5 {val['val_acc5']:.2f}% ({val['val_samples']} images), "
+                         f"{record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s")
+            if (epoch + 1) % train.log.checkpoint_freq == 0 or last_epoch or requests.received is not None:
+                save_checkpoint(EpochState())
+            if requests.received is not None:
+                raise Preempted(f"stopped by signal {requests.received} after epoch {epoch + 1}")
+    finally:
+        requests.uninstall()
+
+    record = trainer.metrics[-1] if trainer.metrics else {}
+    if accelerator.is_main_process and record:
+        model_dir = write_model_folder(run_dir / "model", accelerator.unwrap_model(model), config,
+                                       tuple(trainer.class_names), trainer.metrics, options.command)
+        LOG.info(f"finished: top-1 {record['val_acc1']:.2f}%, top-5 {record['val_acc5']:.2f}% after "
+                 f"{trainer.step} steps, training time {trainer.train_time_s:.1f}s")
+        LOG.info(f"outputs: {run_dir.resolve()} (config.toml, metrics.jsonl, train.log, checkpoints/, "
+                 f"model/ at {model_dir})")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def start_afresh(run_dir: Path) -> None:
+    """Clear what an earlier attempt with no complete checkpoint left behind."""
+    for name in ("metrics.jsonl", "train.log"):
+        (run_dir / name).unlink(missing_ok=True)

@@ -23,17 +23,23 @@ def resolve_arch(name: str) -> str:
     raise UserError(f"train.arch: unknown model {name!r}{hint}")
 
 
-def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size: int) -> torch.nn.Module:
-    """A randomly initialised timm model for ``num_classes`` classes.
+def model_args(arch: str, train_crop_size: int, val_crop_size: int) -> dict:
+    """timm construction arguments besides num_classes (recorded in exported config.json).
 
     Models with a fixed input size (ViTs) are built for the validation crop and told to
     accept other sizes when training crops differ from it.
     """
-    arch = resolve_arch(arch)
-    kwargs = {"num_classes": num_classes}
     pretrained_cfg = timm.models.get_pretrained_cfg(arch)
-    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
-        kwargs["img_size"] = val_crop_size
-        if train_crop_size != val_crop_size:
-            kwargs["dynamic_img_size"] = True
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    if pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
+        return {}
+    args = {"img_size": val_crop_size}
+    if train_crop_size != val_crop_size:
+        args["dynamic_img_size"] = True
+    return args
+
+
+def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size: int) -> torch.nn.Module:
+    """A randomly initialised timm model for ``num_classes`` classes."""
+    arch = resolve_arch(arch)
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes,
+                             **model_args(arch, train_crop_size, val_crop_size))

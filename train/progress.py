@@ -16,14 +16,17 @@ LOG = logging.getLogger("train")
 
 
 class EpochProgress:
-    def __init__(self, epoch: int, max_epochs: int, total_steps: int, global_batch: int, enabled: bool):
+    def __init__(self, epoch: int, max_epochs: int, total_steps: int, global_batch: int, enabled: bool,
+                 start: int = 0):
+        """``start``: steps of this epoch already done (a resumed epoch)."""
         self.epoch, self.max_epochs = epoch, max_epochs
         self.total_steps, self.global_batch = total_steps, global_batch
         self.enabled = enabled
+        self.first = start
         self.start = time.perf_counter()
         self.bar = None
         if enabled and sys.stdout.isatty():
-            self.bar = tqdm(total=total_steps, desc=f"epoch {epoch + 1}/{max_epochs}", unit="step",
+            self.bar = tqdm(total=total_steps, initial=start, desc=f"epoch {epoch + 1}/{max_epochs}", unit="step",
                             dynamic_ncols=True, leave=False)
 
     def update(self, steps_done: int, loss: float | None, lr: float) -> None:
@@ -37,8 +40,9 @@ class EpochProgress:
             return
         if loss is not None:
             elapsed = time.perf_counter() - self.start
-            rate = steps_done * self.global_batch / max(elapsed, 1e-9)
-            eta = (self.total_steps - steps_done) * elapsed / max(steps_done, 1)
+            done_here = steps_done - self.first
+            rate = done_here * self.global_batch / max(elapsed, 1e-9)
+            eta = (self.total_steps - steps_done) * elapsed / max(done_here, 1)
             LOG.info(f"epoch {self.epoch + 1}/{self.max_epochs} step {steps_done}/{self.total_steps} "
                      f"loss {loss:.4f} lr {lr:.4g} {rate:.0f} img/s eta {eta:.0f}s")
 

@@ -39,6 +39,16 @@ class MetricsLog:
             os.fsync(f.fileno())
 
 
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the file's records (on resume: with those the checkpoint knew of)."""
+        staging = self.path.with_name(self.path.name + ".tmp")
+        with open(staging, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+            f.flush()
+            os.fsync(f.fileno())
+        staging.replace(self.path)
+
+
 def read_metrics(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -36,6 +36,10 @@ class Loaders:
     steps_per_epoch: int
     # Called before each epoch's pass over `train`: set_epoch(epoch, start_batch).
     set_epoch: Callable[[int, int], None]
+    # Reader position for checkpoints, for loaders that need more than (epoch, start_batch)
+    # to resume mid-epoch (DALI); None for loaders that do not.
+    state_dict: Callable[[], dict] | None = None
+    load_state_dict: Callable[[dict], None] | None = None
 
 
 def check_supported(data: DataConfig, source: str) -> None:

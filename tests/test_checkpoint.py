@@ -1,0 +1,283 @@
+"""Checkpoints: atomic saves, pruning, automatic resume, exactness after SIGKILL, preemption,
+refused configs, damaged checkpoints, export through timm, the Hub push command and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, clean_env, data_toml, run_train, tiny_train_toml, write
+from train import checkpoint as ckpt
+from train.cli import main
+from train.preemption import EXIT_PREEMPTED
+from train.rundir import read_metrics
+
+TIMING = {"epoch_time_s", "train_time_s", "images_per_s"}
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def configs(tmp_path, folder, **train_overrides) -> list[str]:
+    values = {"max_epochs": 4, "lr": 0.02}
+    values.update(train_overrides)
+    data = write(tmp_path / "data.toml", data_toml(folder))
+    train = write(tmp_path / "train.toml", tiny_train_toml(**values) + "checkpoint_every_steps = 2\n")
+    return ["--data-cfg", str(data), "--train-cfg", str(train)]
+
+
+def start_train(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, f"training ended early: {process.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_folder, tmp_path_factory):
+    """An uninterrupted run: 4 epochs of 3 steps, a checkpoint every 2 steps."""
+    tmp = tmp_path_factory.mktemp("reference")
+    args = configs(tmp, tiny_folder) + ["--output-dir", str(tmp / "out")]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    return tmp / "out"
+
+
+# ------------------------------------------------------------------------ exact resume
+
+
+def test_sigkill_mid_epoch_then_rerun_gives_the_same_metrics(reference_run, tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(out)]
+    process = start_train(args)
+    # Step 4 is the first step of epoch 2: the kill lands in the middle of an epoch.
+    wait_for(lambda: (out / "checkpoints" / "00000004" / ckpt.MANIFEST).exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (out / "model").exists(), "the run finished before it was killed: the test proves nothing"
+    newest = ckpt.latest_valid_checkpoint(out)
+    assert newest is not None and 4 <= int(newest.name) < 12
+
+    result = run_train(args)  # the same command again
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {newest}" in result.stdout
+    assert without_timing(read_metrics(out / "metrics.jsonl")) == without_timing(read_metrics(reference_run / "metrics.jsonl"))
+
+
+def test_kills_at_random_moments_never_leave_a_damaged_checkpoint(tiny_folder, tmp_path):
+    """Checkpoints are written after every step, so random kills often land inside a save."""
+    out = tmp_path / "out"
+    args = configs(tmp_path, tiny_folder, max_epochs=6) + ["--output-dir", str(out), "--set", "train.log.checkpoint_every_steps=1"]
+    rng = random.Random(1234)
+    for attempt in range(3):
+        process = start_train(args)
+        first = ckpt.latest_valid_checkpoint(out)
+        wait_for(lambda: ckpt.latest_valid_checkpoint(out) not in (None, first), process)
+        time.sleep(rng.uniform(0.0, 0.3))
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        for folder in ckpt.list_checkpoints(out):
+            assert ckpt.checkpoint_problem(folder) is None, folder
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert not list((out / "checkpoints").glob(ckpt.TMP_PREFIX + "*"))  # leftovers of killed saves are gone
+
+
+def test_a_save_interrupted_before_its_rename_leaves_the_previous_checkpoint(reference_run, tmp_path, monkeypatch):
+    """A failure at the last moment of a save (after every file is written) must not count as a checkpoint."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = ckpt.latest_valid_checkpoint(run)
+
+    class Boom(Exception):
+        pass
+
+    def explode(folder):
+        raise Boom
+
+    monkeypatch.setattr(ckpt, "_fsync_tree", explode)
+    trainer = ckpt.read_trainer_state(before)
+    fake_accelerator = type("A", (), {"is_main_process": True, "process_index": 0,
+                                      "wait_for_everyone": lambda self: None,
+                                      "save_state": lambda self, path: Path(path, "model.safetensors").write_bytes(b"x")})()
+    scheduler = type("S", (), {"state_dict": lambda self: {}})()
+    with pytest.raises(Boom):
+        ckpt.save(fake_accelerator, run, ckpt.TrainerState(epoch=trainer.epoch, step=trainer.step + 100),
+                  ckpt.EpochState(), scheduler, keep_last=2)
+    assert ckpt.latest_valid_checkpoint(run) == before
+    assert list((run / "checkpoints").glob(ckpt.TMP_PREFIX + "*"))  # the partial save is only a staging folder
+
+
+# -------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_checkpoints_and_exits_with_the_preempted_status(reference_run, tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(out), "--set", "train.log.checkpoint_every_steps=0"]
+    process = start_train(args)
+    wait_for(lambda: (out / "train.log").exists() and "epoch 2/4 step" in (out / "train.log").read_text(), process)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # a second signal during the stop changes nothing
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED, stderr
+    assert "preempted" in stderr
+    saved = ckpt.latest_valid_checkpoint(out)
+    assert saved is not None and not (out / "model").exists()
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    assert without_timing(read_metrics(out / "metrics.jsonl")) == without_timing(read_metrics(reference_run / "metrics.jsonl"))
+
+
+# ----------------------------------------------------------------------- resume rules
+
+
+def test_same_command_on_a_finished_run_changes_nothing_and_longer_runs_continue(reference_run, tmp_path, tiny_folder):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(run)]
+    assert main(args) == 0
+    assert read_metrics(run / "metrics.jsonl") == read_metrics(reference_run / "metrics.jsonl")
+    assert main(args + ["--set", "train.max_epochs=5", "--set", "train.log.log_freq=1"]) == 0  # safe keys
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_a_different_config_is_refused_with_the_differing_keys(reference_run, tmp_path, tiny_folder, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(run), "--set", "train.lr=0.5",
+                                             "--set", "train.optim.momentum=0.5"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "train.lr: 0.02 -> 0.5" in err and "train.optim.momentum: 0.9 -> 0.5" in err and "--output-dir" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, tiny_folder):
+    run = tmp_path / "run"
+    args = configs(tmp_path, tiny_folder, max_epochs=1) + ["--output-dir", str(run)]
+    run.mkdir()
+    from train.config import load_config, to_dict
+    import tomli_w
+    (run / "config.toml").write_text(tomli_w.dumps(to_dict(load_config(args[1], args[3]))))
+    (run / "metrics.jsonl").write_text('{"epoch": 99}\n')  # partial output of the killed attempt
+    assert main(args) == 0
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(reference_run, tmp_path, tiny_folder, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    folders = ckpt.list_checkpoints(run)
+    newest, previous = folders[-1], folders[-2]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(run), "--set", "train.max_epochs=5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} is damaged" in out and f"resumed from {previous}" in out
+
+
+def test_explicit_resume_of_an_unusable_checkpoint_is_an_error(tmp_path, tiny_folder, capsys):
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(tmp_path / "r"), "--resume", str(tmp_path)]
+    assert main(args) == 2
+    assert "not a usable checkpoint" in capsys.readouterr().err
+
+
+def test_pruning_keeps_the_newest_and_the_best(tmp_path):
+    accs = {2: 50.0, 4: 90.0, 5: 90.0, 6: 60.0, 8: 70.0, 9: 10.0}
+    for step in range(1, 11):
+        folder = tmp_path / "checkpoints" / f"{step:08d}"
+        folder.mkdir(parents=True)
+        # Only checkpoints written right after an evaluation carry that evaluation's step.
+        metrics = [{"step": s, "val_acc1": a} for s, a in sorted(accs.items()) if s <= step]
+        (folder / ckpt.TRAINER_STATE).write_text(json.dumps({"metrics": metrics}))
+    ckpt.prune(tmp_path, keep_last=2)
+    # 9 and 10 are newest; 5 is the best (a tie with 4 goes to the later one); 7 carries 6's
+    # accuracy but not its weights, so it cannot be the best.
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["00000005", "00000009", "00000010"]
+
+
+# ---------------------------------------------------------------- export, Hub, evaluate
+
+
+def test_exported_model_loads_through_timm_and_reproduces_the_accuracy(reference_run, tiny_folder, tmp_path):
+    import timm
+    model_dir = reference_run / "model"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architecture"] == "resnet18" and config["num_classes"] == 3
+    assert config["label_names"] == ["n00000000", "n00000001", "n00000002"]
+    assert config["pretrained_cfg"]["crop_pct"] == pytest.approx(32 / 36)
+    assert "val_acc1" not in (model_dir / "README.md").read_text() and "python -m train" in (model_dir / "README.md").read_text()
+    model = timm.create_model(f"local-dir:{model_dir}", pretrained=True)
+    assert model.num_classes == 3 and model.pretrained_cfg["input_size"] == (3, 32, 32)
+
+    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
+    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(model_dir), "--data-cfg", str(data),
+                             "--label-smoothing", "0.1"], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    last = read_metrics(reference_run / "metrics.jsonl")[-1]
+    assert f"top-1 {last['val_acc1']:.2f}%" in result.stdout and f"top-5 {last['val_acc5']:.2f}%" in result.stdout
+    assert f"loss {last['val_loss']:.4f}" in result.stdout and "(15 images)" in result.stdout
+
+
+def test_export_command_turns_a_checkpoint_into_a_model_folder(reference_run, tmp_path):
+    import timm
+    import torch
+    first = ckpt.list_checkpoints(reference_run)[-1]
+    from train.export import main as export_main
+    assert export_main([str(first), "--output", str(tmp_path / "m")]) == 0
+    a = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
+    b = timm.create_model(f"local-dir:{reference_run / 'model'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(a(x), b(x))  # the last checkpoint holds the final weights
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_push_dry_run_lists_files_without_network(reference_run):
+    result = subprocess.run([sys.executable, "-m", "train.hub", str(reference_run / "model"), "--repo-id", "me/resnet18",
+                             "--private", "--dry-run"], env=clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "would upload 3 files to private repo me/resnet18" in result.stdout
+    assert "model.safetensors" in result.stdout and "config.json" in result.stdout and "README.md" in result.stdout
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"HF_TOKEN": "hf_not_a_real_token", "HF_HUB_OFFLINE": "1"}, "push to 'me/resnet18' failed"),
+    ({"HF_TOKEN": ""}, "no Hugging Face token"),
+])
+def test_push_without_network_or_token_is_one_line_and_touches_nothing(reference_run, tmp_path, env, expected):
+    before = digest(reference_run / "model")
+    environment = clean_env(HF_HOME=str(tmp_path / "hf"), **env)
+    result = subprocess.run([sys.executable, "-m", "train.hub", str(reference_run / "model"), "--repo-id", "me/resnet18"],
+                            env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "hf_not_a_real_token" not in result.stderr
+    assert digest(reference_run / "model") == before

@@ -1,0 +1,278 @@
+"""Training checkpoints: atomic save, verified load, pruning, and the resume decision.
+
+A checkpoint is ``<run>/checkpoints/<step>/``: Accelerate's ``save_state`` (model as
+safetensors, optimizer, grad scaler, each process's RNG states) plus our own JSON files
+(``trainer_state.json`` with epoch, step, time and the metrics so far; ``process_<rank>.json``
+with each process's position inside the epoch; the lr schedule), a copy of the run's
+``config.toml``, and ``manifest.json`` listing every file's size and SHA-256.
+
+It is written to ``checkpoints/.tmp-<step>/`` and renamed into place only when complete, so
+a kill at any moment leaves the previous checkpoint intact; the manifest catches a checkpoint
+damaged afterwards (a truncated file), and resuming then falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from .config import UserError
+
+LOG = logging.getLogger("train")
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+SCHEDULE_STATE = "lr_schedule.json"
+CONFIG_COPY = "config.toml"
+TMP_PREFIX = ".tmp-"
+
+# Config keys that may change between a run and its resumption: they do not change what a
+# step computes (logging, checkpoint cadence, where the same data lives, worker count) or
+# are the natural thing to extend (max_epochs).
+SAFE_TO_CHANGE = {
+    "train.max_epochs", "train.eval_freq", "train.log.log_freq", "train.log.checkpoint_freq",
+    "train.log.checkpoint_every_steps", "train.log.checkpoint_every_minutes", "train.log.keep_last",
+    "train.log.wandb_on", "train.log.project", "data.data_dir", "data.dataloader.num_data_workers",
+}
+
+
+@dataclass
+class TrainerState:
+    """Where training stands, common to all processes."""
+    epoch: int = 0  # the epoch in progress (0-based); == max_epochs when finished
+    step: int = 0  # optimizer steps done before the epoch in progress
+    train_time_s: float = 0.0  # training time before the current epoch
+    metrics: list[dict] = field(default_factory=list)  # every evaluation record so far
+    class_names: list[str] = field(default_factory=list)  # class index -> folder name, for exports
+
+
+@dataclass
+class EpochState:
+    """One process's position inside the current epoch."""
+    batches_done: int = 0
+    loss_sum: float = 0.0  # this process's summed training loss over those batches
+    seconds: float = 0.0  # training time spent in this epoch so far
+    loader_state: dict | None = None  # reader position for loaders that have one (DALI)
+
+
+# --------------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=1), encoding="utf-8")
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_json(folder / MANIFEST, {"files": files})
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a usable checkpoint, or None when every file is as written."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (incomplete)"
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (by step)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes verification; damaged ones are named in a warning."""
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        LOG.warning(f"warning: checkpoint {folder} is damaged ({problem}); trying the previous one")
+    return None
+
+
+def read_trainer_state(folder: Path) -> TrainerState:
+    return TrainerState(**json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8")))
+
+
+def read_epoch_state(folder: Path, rank: int) -> EpochState:
+    path = folder / f"process_{rank}.json"
+    if not path.is_file():
+        raise UserError(f"checkpoint {folder} has no state for process {rank}: it was written by a run "
+                        "with fewer processes; resume it with the same number of processes")
+    return EpochState(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints and the best by validation top-1."""
+    folders = list_checkpoints(run_dir)
+    keep = set(folders[-keep_last:])
+    scored = []
+    for folder in folders:
+        try:
+            metrics = read_trainer_state(folder).metrics
+        except (OSError, ValueError, TypeError):
+            continue
+        # Only a checkpoint of the very weights that were evaluated can be "the best".
+        if metrics and metrics[-1]["step"] == int(folder.name):
+            scored.append((metrics[-1]["val_acc1"], int(folder.name), folder))
+    if scored:
+        keep.add(max(scored)[2])  # ties go to the later checkpoint
+    for folder in folders:
+        if folder not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_partial_saves(run_dir: Path) -> None:
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- save and load
+
+
+def save(accelerator, run_dir: Path, trainer: TrainerState, epoch_state: EpochState, scheduler,
+         keep_last: int) -> Path:
+    """Write a checkpoint from every process (collective: all processes must call it).
+
+    It is named after the global step: the epoch's starting step plus its batches done.
+    """
+    step = trainer.step + epoch_state.batches_done
+    final = run_dir / CHECKPOINTS / f"{step:08d}"
+    staging = run_dir / CHECKPOINTS / f"{TMP_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    write_json(staging / f"process_{accelerator.process_index}.json", asdict(epoch_state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(staging / TRAINER_STATE, asdict(trainer))
+        write_json(staging / SCHEDULE_STATE, scheduler.state_dict())
+        shutil.copyfile(run_dir / CONFIG_COPY, staging / CONFIG_COPY)
+        write_manifest(staging)
+        _fsync_tree(staging)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        staging.rename(final)
+        prune(run_dir, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator, folder: Path, scheduler) -> tuple[TrainerState, EpochState]:
+    """Restore model, optimizer, scaler, RNG states and the schedule from ``folder``.
+
+    Accelerate reads its pickle-based files with ``weights_only`` loading; our own state is JSON.
+    """
+    accelerator.load_state(str(folder))
+    scheduler.load_state_dict(json.loads((folder / SCHEDULE_STATE).read_text(encoding="utf-8")))
+    return read_trainer_state(folder), read_epoch_state(folder, accelerator.process_index)
+
+
+# -------------------------------------------------------------------- resume decision
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every key whose value differs and is not safe to change."""
+    a, b = flatten(old), flatten(new)
+    changed = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and key not in SAFE_TO_CHANGE:
+            changed.append(f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    return changed
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the stored config ({exc})") from None
+
+
+def _refuse_if_different(stored: Path, config: dict, what: str) -> None:
+    changed = config_differences(_read_config(stored), config)
+    if changed:
+        shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise UserError(f"{what} was made with a different config ({shown}); "
+                        "resume with the same config, or give a new --output-dir")
+
+
+def choose_resume_point(run_dir: Path, config: dict, explicit: Path | None) -> Path | None:
+    """The checkpoint to resume from, or None to start afresh. Reads only; decides on refusal.
+
+    ``config`` is the new run's resolved config as nested dicts.
+    """
+    if explicit is not None:
+        problem = checkpoint_problem(explicit) if explicit.is_dir() else "not a folder"
+        if problem:
+            raise UserError(f"--resume {explicit}: not a usable checkpoint ({problem})")
+        _refuse_if_different(explicit / CONFIG_COPY, config, f"checkpoint {explicit}")
+        return explicit
+    stored = run_dir / CONFIG_COPY
+    if not stored.is_file():
+        return None
+    _refuse_if_different(stored, config, f"run directory {run_dir}")
+    checkpoint = latest_valid_checkpoint(run_dir)
+    if checkpoint is not None:
+        _refuse_if_different(checkpoint / CONFIG_COPY, config, f"checkpoint {checkpoint}")
+    return checkpoint
