@@ -189,16 +189,13 @@ def test_cli_reports_unknown_arch_with_close_matches(capsys, files):
     assert "unknown model 'resnet5'" in err and "resnet50" in err
 
 
-def test_cli_reports_unsupported_optimizer(capsys, files):
-    data, train = files
-    err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(REPO / "configs/train/resnet50-sgd-sam-v1.toml")])
-    assert "'sgd-sam' is not yet supported" in err
-
-
-def test_cli_reports_dali_not_yet_supported(capsys, files):
-    _, train = files
-    err = cli_error(capsys, ["--data-cfg", str(REPO / "configs/data/imagenet.toml"), "--train-cfg", str(train)])
-    assert "data.dataloader.name = 'dali'" in err
+@pytest.mark.parametrize("name", SEED_CONFIGS)
+def test_every_shipped_config_passes_the_start_up_checks(name):
+    from train import data, models, optim
+    config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
+    models.resolve_arch(config.train.arch)
+    optim.check_supported(config.train.optim, name)
+    data.check_supported(config.data, "imagenet.toml")
 
 
 def test_cli_reports_syntax_error(capsys, files, tmp_path):

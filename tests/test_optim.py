@@ -1,11 +1,15 @@
 """Optimizer construction and weight-decay grouping."""
 
+from typing import get_args
+
 import pytest
+import schedulefree
 import timm
 import torch
 
-from train.config import AdamConfig, AdamWConfig, SGDConfig, SGDSAMConfig, UserError
-from train.optim import build_optimizer, check_supported, param_groups
+from train.config import (AdamConfig, AdamWConfig, AdamWScheduleFreeConfig, OptimConfig, SGDConfig, SGDSAMConfig,
+                          SGDScheduleFreeConfig)
+from train.optim import OPTIMIZERS, build_optimizer, param_groups
 
 
 def test_no_weight_decay_on_normalization_and_bias_parameters():
@@ -32,19 +36,30 @@ def test_grouping_is_by_shape_not_name():
 
 @pytest.mark.parametrize("cfg, cls", [(SGDConfig(momentum=0.8, nesterov=True), torch.optim.SGD),
                                       (AdamConfig(beta1=0.8), torch.optim.Adam),
-                                      (AdamWConfig(weight_decay=0.02), torch.optim.AdamW)])
+                                      (AdamWConfig(weight_decay=0.02), torch.optim.AdamW),
+                                      (SGDSAMConfig(momentum=0.8, weight_decay=0.02), torch.optim.SGD),
+                                      (SGDScheduleFreeConfig(momentum=0.8, warmup_epochs=2.5, r=0.5),
+                                       schedulefree.SGDScheduleFree),
+                                      (AdamWScheduleFreeConfig(beta1=0.8, weight_decay=0.02, weight_lr_power=1.0),
+                                       schedulefree.AdamWScheduleFree)])
 def test_builds_each_optimizer_with_its_keys(cfg, cls):
     model = torch.nn.Linear(3, 2)
-    optimizer = build_optimizer(model, cfg, lr=0.3)
+    optimizer = build_optimizer(model, cfg, lr=0.3, steps_per_epoch=10)
     assert isinstance(optimizer, cls)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay, 0.0]
     assert optimizer.param_groups[0]["lr"] == 0.3
     if isinstance(cfg, SGDConfig):
         assert optimizer.defaults["momentum"] == 0.8 and optimizer.defaults["nesterov"]
-    if isinstance(cfg, AdamConfig):
+    if isinstance(cfg, (AdamConfig, AdamWScheduleFreeConfig)):
         assert optimizer.defaults["betas"] == (0.8, 0.999)
+    if isinstance(cfg, SGDSAMConfig):  # SAM's base optimizer: plain SGD, as the lr schedule expects
+        assert optimizer.defaults["momentum"] == 0.8 and not optimizer.defaults["nesterov"]
+    if isinstance(cfg, SGDScheduleFreeConfig):
+        assert (optimizer.defaults["momentum"], optimizer.defaults["r"]) == (0.8, 0.5)
+        assert optimizer.defaults["warmup_steps"] == 25  # warmup_epochs * steps_per_epoch
+    if isinstance(cfg, AdamWScheduleFreeConfig):
+        assert optimizer.defaults["weight_lr_power"] == 1.0
 
 
-def test_later_optimizers_are_reported_as_not_yet_supported():
-    with pytest.raises(UserError, match="not yet supported"):
-        check_supported(SGDSAMConfig(), "t.toml")
+def test_every_optimizer_of_the_config_schema_is_in_the_registry():
+    assert {cls().name for cls in get_args(OptimConfig)} == set(OPTIMIZERS)

@@ -43,7 +43,8 @@ def _bounds(default: Any, *, gt: float | None = None, ge: float | None = None,
 @dataclass
 class DataloaderConfig:
     name: Literal["dali", "hf"] = "dali"
-    num_data_workers: int = _bounds(4, ge=0)
+    num_data_workers: int = _bounds(4, ge=0)  # DataLoader worker processes (hf), or DALI threads
+    prefetch_queue_depth: int = _bounds(2, ge=1)  # DALI: batches prepared ahead of the loop
     # Split names, used when data_dir is a Hugging Face Hub dataset ("hf-hub:<id>").
     train_split: str = "train"
     val_split: str = "validation"
@@ -73,7 +74,12 @@ class PreprocessConfig:
     train_crop_size: int = _bounds(176, gt=0)
     val_image_size: int = _bounds(256, gt=0)
     val_crop_size: int = _bounds(224, gt=0)
-    dali_cpu: bool = True
+    dali_cpu: bool = True  # false: decode JPEGs on the GPU (DALI "mixed" decoder) when CUDA is there
+    # GPU decoding only: the share of images given to the hardware JPEG decoder (A100, H100),
+    # and the image size its buffers are preallocated for (ImageNet's largest image).
+    dali_hw_decoder_load: float = _bounds(0.65, ge=0, le=1)
+    dali_preallocate_width_hint: int = _bounds(5980, ge=0)
+    dali_preallocate_height_hint: int = _bounds(6430, ge=0)
 
 
 @dataclass
@@ -184,6 +190,9 @@ class TrainConfig:
     use_amp: bool = True  # false forces fp32 whatever the launcher asks for
     channels_last: bool = True  # NHWC memory format for 4-D (convolutional) models
     compile: bool = False  # torch.compile the model
+    # BatchNorm statistics over the global batch rather than each GPU's share (SyncBatchNorm),
+    # for small per-GPU batches; costs a collective per BN layer. GPUs only.
+    sync_bn: bool = False
     eval_freq: int = _bounds(1, gt=0)  # epochs between evaluations (the last always runs)
     num_samples_for_stats: int = _bounds(102400, gt=0)  # BN recalibration (Schedule-Free)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

@@ -8,28 +8,33 @@ in a step and when to evaluate. Sharding of the data is the loaders' job (see
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, broadcast_object_list, set_seed
 
 from . import checkpoint
+from .batchnorm import recompute_running_stats
 from .checkpoint import EpochState, TrainerState
-from .config import Config, TrainConfig, to_dict
-from .data import build_loaders, resolve_data_dir
+from .config import Config, TrainConfig, UserError, to_dict
+from .data import Loaders, build_loaders, resolve_data_dir
 from .export import write_model_folder
-from .models import build_model
-from .optim import build_optimizer
+from .models import build_model, use_sync_batchnorm
+from .optim import averages_weights, build_optimizer, build_train_step, reported_lr
 from .preemption import Action, CheckpointPolicy, Preempted, StopRequests
-from .progress import EpochProgress
+from .progress import EpochProgress, run_summary
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .schedules import build_schedule
+from .steps import TrainStep
+from .tracking import RunTracker
 
 LOG = logging.getLogger("train")
 
@@ -62,7 +67,11 @@ def make_accelerator(train: TrainConfig, options: RunOptions) -> Accelerator:
     mixed = choose_mixed_precision(train.use_amp, options.launcher_mixed_precision, cuda, capability)
     # cpu=True without CUDA: a 2-process CPU launch then forms a real gloo process group
     # instead of two independent single-process runs.
-    return Accelerator(cpu=not cuda, mixed_precision=mixed, dynamo_backend="inductor" if train.compile else None)
+    # TensorBoard goes through Accelerate's tracker. Accelerate wants a logging folder now;
+    # RunTracker moves it into the run directory, which is named only once the processes
+    # created here can agree on it (resolve_run_dir).
+    return Accelerator(cpu=not cuda, mixed_precision=mixed, dynamo_backend="inductor" if train.compile else None,
+                       log_with="tensorboard", project_config=ProjectConfiguration(logging_dir="runs"))
 
 
 def resolve_run_dir(accelerator: Accelerator, options: RunOptions) -> Path:
@@ -91,32 +100,75 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
         buffer.copy_(broadcast(buffer.detach().clone(), from_process=0))
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator: Accelerator,
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(device, non_blocking=True)
+    if images.ndim == 4 and channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
+def enter_training(model, optimizer) -> None:
+    """Model and optimizer in training mode (Schedule-Free: the parameters hold the trained weights)."""
+    model.train()
+    optimizer.train()
+
+
+@contextmanager
+def eval_weights(optimizer) -> Iterator[None]:
+    """Inside, the parameters hold the weights to evaluate and save; afterwards, the mode found.
+
+    Only Schedule-Free's differ from the trained ones: ``optimizer.eval()`` swaps in its
+    average. Every checkpoint is written inside this, as the schedulefree package asks; the
+    optimizer's state records the mode, so ``enter_training`` puts a resumed run right.
+    """
+    was_training = optimizer.param_groups[0].get("train_mode", False)  # schedulefree's own flag
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            optimizer.train()
+
+
+def prepare_for_eval(model, optimizer, loaders: Loaders, accelerator: Accelerator, train: TrainConfig) -> None:
+    """Put the weights to evaluate (or export) in the model, until ``enter_training``.
+
+    Schedule-Free: its averaged weights (``optimizer.eval()``), with BatchNorm statistics
+    recomputed for them over ``num_samples_for_stats`` training samples, the same on every
+    process. Other optimizers evaluate the weights they train, as they are.
+    """
+    if not averages_weights(train.optim):
+        return
+    optimizer.eval()
+    if loaders.train_stats is None:
+        raise UserError(f"train.optim.name = {train.optim.name!r} recomputes BatchNorm statistics, and this "
+                        "data loader provides no stream of training batches for it (Loaders.train_stats)")
+    num_batches = min(loaders.steps_per_epoch, -(-train.num_samples_for_stats // train.batch_size))
+    images = (to_device(images, labels, accelerator.device, train.channels_last)[0]
+              for images, labels in itertools.islice(loaders.train_stats(), num_batches))
+    used = recompute_running_stats(accelerator.unwrap_model(model), images,
+                                   lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
+    if used:
+        LOG.info(f"BatchNorm statistics recomputed for the averaged weights over "
+                 f"{used * train.batch_size} training samples")
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, train_step: TrainStep, accelerator: Accelerator,
                     train: TrainConfig, progress: EpochProgress, first_step: int, state: EpochState,
-                    policy: CheckpointPolicy, save: Callable[[EpochState], None]) -> bool:
+                    policy: CheckpointPolicy, save: Callable[[EpochState], None], tracker: RunTracker) -> bool:
     """Continue the epoch from ``state`` over this process's shard; ``state`` is updated.
 
     After each step ``policy`` may ask for a checkpoint (``save`` is called with the epoch's
     position) or for a stop. Returns False when stopped before the epoch's end.
     """
-    model.train()
-    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    enter_training(model, optimizer)
     loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
     started = time.perf_counter() - state.seconds
     for images, labels in loader:
-        images = images.to(accelerator.device, non_blocking=True)
-        if images.ndim == 4:
-            images = images.contiguous(memory_format=memory_format)
-        labels = labels.to(accelerator.device, non_blocking=True)
-
-        logits = model(images)
-        loss = criterion(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if train.grad_clip_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), train.grad_clip_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep lr in step with updates
+        images, labels = to_device(images, labels, accelerator.device, train.channels_last)
+        loss, updated = train_step(images, labels)  # forward, backward, optimizer step (plain or SAM)
+        if updated:  # an fp16 overflow skips the step: keep the lr schedule in step with updates
             scheduler.step()
 
         loss_sum += loss.detach()
@@ -124,7 +176,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator:
         step = first_step + state.batches_done
         # Reading the loss back waits for the device, so it happens only every log_freq steps.
         at_log_step = step % train.log.log_freq == 0
-        progress.update(state.batches_done, loss.item() if at_log_step else None, optimizer.param_groups[0]["lr"])
+        loss_value = loss.item() if at_log_step else None
+        progress.update(state.batches_done, loss_value, reported_lr(optimizer))
+        if at_log_step:
+            tracker.log_train_step(step, loss_value, reported_lr(optimizer), progress.images_per_s, model)
 
         action = policy.after_step(step)
         if action:
@@ -151,15 +206,11 @@ def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, nu
     # process may wait on a collective operation that another never reaches.
     net = accelerator.unwrap_model(model)
     net.eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     top_k = min(5, num_classes)
     # loss sum, top-1 hits, top-5 hits, samples; float64 keeps large counts exact.
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     for images, labels in loader:
-        images = images.to(accelerator.device, non_blocking=True)
-        if images.ndim == 4:
-            images = images.contiguous(memory_format=memory_format)
-        labels = labels.to(accelerator.device, non_blocking=True)
+        images, labels = to_device(images, labels, accelerator.device, channels_last)
         with accelerator.autocast():
             logits = net(images)
         logits = logits.float()
@@ -204,13 +255,16 @@ def run(config: Config, options: RunOptions) -> dict:
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size)
+    if train.sync_bn:
+        model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, train.optim, train.lr)
+    optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch)
     # The schedule is stepped by hand: accelerator.prepare would step it once per process.
     scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+    train_step = build_train_step(train.optim, model, optimizer, criterion, accelerator, train.grad_clip_norm)
 
     trainer, epoch_state = TrainerState(class_names=list(loaders.class_names)), EpochState()
     if resume_from is not None:
@@ -219,6 +273,8 @@ def run(config: Config, options: RunOptions) -> dict:
             metrics_log.rewrite(trainer.metrics)  # drop records written after that checkpoint
         LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
                  f"step {trainer.step}")
+    # Steps after the resume point are logged again; the tracker hides the earlier attempt's.
+    tracker = RunTracker(accelerator, run_dir, config_table, resumed_at_step=trainer.step + epoch_state.batches_done)
 
     LOG.info(f"run directory: {run_dir.resolve()}")
     LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
@@ -244,8 +300,8 @@ def run(config: Config, options: RunOptions) -> dict:
                 loaders.load_state_dict(epoch_state.loader_state)
             progress = EpochProgress(epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
                                      enabled=accelerator.is_main_process, start=epoch_state.batches_done)
-            finished = train_one_epoch(model, loaders.train, optimizer, scheduler, criterion, accelerator, train,
-                                       progress, trainer.step, epoch_state, policy, save_checkpoint)
+            finished = train_one_epoch(model, loaders.train, optimizer, scheduler, train_step, accelerator, train,
+                                       progress, trainer.step, epoch_state, policy, save_checkpoint, tracker)
             progress.close()
             if not finished:
                 raise Preempted(f"stopped by signal {requests.received} after step "
@@ -258,14 +314,16 @@ def run(config: Config, options: RunOptions) -> dict:
             epoch_state = EpochState()
             last_epoch = epoch + 1 == train.max_epochs
             if (epoch + 1) % train.eval_freq == 0 or last_epoch:
+                prepare_for_eval(model, optimizer, loaders, accelerator, train)  # until the next epoch's training
                 val = evaluate(model, loaders.val, accelerator, train.label_smoothing, config.data.num_classes,
                                train.channels_last)
                 record = {"epoch": epoch + 1, "step": trainer.step, "train_loss": train_loss, **val,
-                          "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+                          "lr": reported_lr(optimizer), "epoch_time_s": epoch_time,
                           "train_time_s": trainer.train_time_s, "images_per_s": steps * train.batch_size / epoch_time}
                 trainer.metrics.append(record)
                 if accelerator.is_main_process:
                     metrics_log.append(record)
+                tracker.log_evaluation(record)
                 LOG.info(f"epoch {epoch + 1}/{train.max_epochs} step {trainer.step}: train loss {train_loss:.4f}, "
                          f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, "
                          f"top-5 {val['val_acc5']:.2f}% ({val['val_samples']} images), "
@@ -281,10 +339,8 @@ def run(config: Config, options: RunOptions) -> dict:
     if accelerator.is_main_process and record:
         model_dir = write_model_folder(run_dir / "model", accelerator.unwrap_model(model), config,
                                        tuple(trainer.class_names), trainer.metrics, options.command)
-        LOG.info(f"finished: top-1 {record['val_acc1']:.2f}%, top-5 {record['val_acc5']:.2f}% after "
-                 f"{trainer.step} steps, training time {trainer.train_time_s:.1f}s")
-        LOG.info(f"outputs: {run_dir.resolve()} (config.toml, metrics.jsonl, train.log, checkpoints/, "
-                 f"model/ at {model_dir})")
+        LOG.info(run_summary(record, trainer.metrics, train.max_epochs, run_dir, checkpoint.list_checkpoints(run_dir),
+                             model_dir, tracker.log_dir))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record

@@ -43,3 +43,19 @@ def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size
     arch = resolve_arch(arch)
     return timm.create_model(arch, pretrained=False, num_classes=num_classes,
                              **model_args(arch, train_crop_size, val_crop_size))
+
+
+def use_sync_batchnorm(model: torch.nn.Module, num_processes: int, device_type: str) -> torch.nn.Module:
+    """``train.sync_bn``: BatchNorm layers that compute batch statistics over all processes.
+
+    timm's converter keeps the activation of its fused BatchNorm+activation layers, which
+    PyTorch's own would drop. One process has nothing to share: the model stays as it is.
+    PyTorch's SyncBatchNorm runs on GPUs only, so several CPU processes are refused here
+    rather than failing at the first forward pass.
+    """
+    if num_processes == 1:
+        return model
+    if device_type == "cpu":
+        raise UserError("train.sync_bn = true needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU "
+                        f"({num_processes} CPU processes); set train.sync_bn = false")
+    return timm.layers.convert_sync_batchnorm(model)

@@ -1,11 +1,13 @@
 """Input pipelines, chosen by ``[dataloader] name`` and by the form of ``data_dir``.
 
-``data_dir`` is an ImageNet-layout folder, ``hf-hub:<dataset id>`` (HF loader only), or
+``data_dir`` is an ImageNet-layout folder, a folder of WebDataset shards (``train-*.tar``,
+``val-*.tar``; DALI loader only), ``hf-hub:<dataset id>`` (HF loader only), or
 ``builtin:shapes``, the generated demo set, which is an ImageNet-layout folder in a cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -15,11 +17,12 @@ from . import hf
 from .builtin import ensure_builtin_dataset
 from .folder import DataError, scan_image_folder
 from .sampling import EvalBatchSampler, ShardedBatchSampler
+from .shards import is_shard_set
 
 HUB_PREFIX = "hf-hub:"
 BUILTIN_PREFIX = "builtin:"
-SUPPORTED_LOADERS = ("hf",)
-PLANNED_LOADERS = ("dali",)
+SUPPORTED_LOADERS = ("hf", "dali")
+PLANNED_LOADERS = ()
 
 
 @dataclass
@@ -40,6 +43,9 @@ class Loaders:
     # to resume mid-epoch (DALI); None for loaders that do not.
     state_dict: Callable[[], dict] | None = None
     load_state_dict: Callable[[dict], None] | None = None
+    # A new stream of training batches (training preprocessing, this process's shard) that
+    # leaves `train`'s position alone: BatchNorm statistics are recomputed from it mid-run.
+    train_stats: Callable[[], Iterable] | None = None
 
 
 def check_supported(data: DataConfig, source: str) -> None:
@@ -51,6 +57,9 @@ def check_supported(data: DataConfig, source: str) -> None:
     if name in PLANNED_LOADERS:
         raise UserError(f"{source}: data.dataloader.name = {name!r} is not yet supported; "
                         f"use --set data.dataloader.name=\"hf\" for now")
+    if name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+        raise UserError(f"{source}: data.dataloader.name = \"dali\" needs NVIDIA DALI, which is not installed "
+                        "(pip install nvidia-dali-cuda120, Linux only); or use --set data.dataloader.name=\"hf\"")
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -63,6 +72,11 @@ def resolve_data_dir(data_dir: str) -> str:
 def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
                   num_processes: int, rank: int, seed: int, pin_memory: bool) -> Loaders:
     loader_cfg = data.dataloader
+    if loader_cfg.name == "dali":
+        return _build_dali_loaders(data, preprocess, per_process_batch, num_processes, rank, seed, pin_memory)
+    if is_shard_set(Path(data.data_dir)):
+        raise DataError(f"data.data_dir: {data.data_dir} holds WebDataset shards, which only "
+                        "data.dataloader.name = \"dali\" reads")
     if data.data_dir.startswith(HUB_PREFIX):
         train_table, val_table, class_names = hf.hub_tables(data.data_dir[len(HUB_PREFIX):], data)
         image_column, label_column = loader_cfg.image_column, loader_cfg.label_column
@@ -88,4 +102,34 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
         num_val=len(val_set),
         steps_per_epoch=len(train_set) // global_batch,
         set_epoch=train_sampler.set_epoch,
+        train_stats=lambda: hf.make_loader(
+            train_set, ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed), workers,
+            pin_memory),
+    )
+
+
+def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
+                        num_processes: int, rank: int, seed: int, pin_memory: bool) -> Loaders:
+    from . import dali  # imported when chosen: DALI is large, and Linux-only
+
+    loader_cfg = data.dataloader
+    train_source, val_source, class_names = dali.open_sources(Path(data.data_dir), data.num_classes)
+    global_batch = per_process_batch * num_processes
+    if len(train_source) < global_batch:
+        raise DataError(f"data.data_dir: {len(train_source)} training images are fewer than one global batch "
+                        f"(train.batch_size = {global_batch}); lower train.batch_size")
+    train, val, steps_per_epoch = dali.make_loaders(
+        train_source, val_source, preprocess, per_process_batch, num_processes, rank, seed,
+        loader_cfg.num_data_workers, loader_cfg.prefetch_queue_depth, pin_memory)
+    return Loaders(
+        train=train,
+        val=val,
+        class_names=class_names,
+        num_train=len(train_source),
+        num_val=len(val_source),
+        steps_per_epoch=steps_per_epoch,
+        set_epoch=train.set_epoch,
+        state_dict=train.state_dict,
+        load_state_dict=train.load_state_dict,
+        train_stats=train.fresh_copy,
     )

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# 8 A40 GPUs: 2 nodes x 4; mixed precision bf16 (decided on each node from the GPUs).
+#   sbatch -A <account> launch/8xA40.sh configs/data/imagenet.toml configs/train/resnet50-sgd.toml [--set k=v ...]
+# Submit from the repository root. GPU type names in --gres and the CPU count follow common
+# cluster conventions: adjust them to your cluster's, or override them on the sbatch command line.
+#SBATCH --job-name=imagenet-8xA40
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:a40:4
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+# SIGUSR1 ten minutes before the time limit: training writes a checkpoint, the job requeues.
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
+exec bash launch/slurm_job.sh "$@"

@@ -1,0 +1,381 @@
+"""The DALI loader on the CPU, both readers: what each batch holds, which samples each
+process reads, mid-epoch save/restore, and every kind of bad input.
+
+Most tests use solid-colour images whose colour encodes the image's number: random crops,
+resizing and flips leave a solid colour as it is, so every training sample can be told
+apart after augmentation, and which images an epoch read can be checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import make_image_folder
+from train.config import DataConfig, DataloaderConfig, PreprocessConfig
+from train.data import build_loaders
+from train.data.convert import convert
+from train.data import dali
+from train.data.dali import DaliTrainLoader, FolderSource, PipelineSpec, define_pipeline
+from train.data.folder import DataError
+from train.data.shards import index_path
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+PREPROCESS = PreprocessConfig(train_crop_size=16, val_image_size=20, val_crop_size=16)
+STEP = 16  # colour levels between image numbers; JPEG moves a flat colour by 1 or 2 levels
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Verification results go to a cache of the test's own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def colour_of(number: int) -> tuple[int, int, int]:
+    return (8 + STEP * (number % 15), 8 + STEP * (number // 15 % 15), 128)
+
+
+def make_colour_folder(root: Path, train_counts=(9, 8, 8), val_counts=(5, 5, 5), classes=None) -> Path:
+    """Solid 24x20 JPEGs; image n (numbered over both splits) has colour_of(n)."""
+    classes = classes or [f"n{c:08d}" for c in range(len(train_counts))]
+    number = 0
+    for split, counts in (("train", train_counts), ("val", val_counts)):
+        for name, count in zip(classes, counts):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (24, 20), colour_of(number)).save(folder / f"img_{i:03d}.JPEG", quality=95)
+                number += 1
+    return root
+
+
+def numbers_of(images: torch.Tensor) -> list[int]:
+    """Image numbers back from normalized batches of solid-colour images."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = (images * std + mean).mul(255).mean(dim=(2, 3))
+    red, green = ((rgb[:, :2] - 8) / STEP).round().long().unbind(1)
+    return (red + 15 * green).tolist()
+
+
+def loaders(root, batch=4, processes=1, rank=0, name="dali", workers=1, num_classes=3, preprocess=PREPROCESS):
+    data = DataConfig(data_dir=str(root), num_classes=num_classes,
+                      dataloader=DataloaderConfig(name=name, num_data_workers=workers))
+    return build_loaders(data, preprocess, batch, processes, rank, seed=3, pin_memory=False)
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    return make_colour_folder(tmp_path_factory.mktemp("colours") / "imagenet")
+
+
+@pytest.fixture(scope="module")
+def colour_shards(colour_folder, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("colour_shards") / "shards"
+    convert(colour_folder, dst, train_shards=3, val_shards=2, workers=1, seed=0, progress=False)
+    return dst
+
+
+@pytest.fixture(params=["folder", "shards"])
+def dataset(request, colour_folder, colour_shards):
+    return colour_folder if request.param == "folder" else colour_shards
+
+
+TRAIN_LABELS = [0] * 9 + [1] * 8 + [2] * 8  # image n of the train split has this class
+VAL_FIRST = 25  # val images are numbered from here
+
+
+# ------------------------------------------------------------------ what a batch holds
+
+
+def test_batches_have_the_shapes_types_and_labels_the_loop_expects(dataset):
+    built = loaders(dataset)
+    assert built.class_names == ("n00000000", "n00000001", "n00000002")
+    assert (built.num_train, built.num_val, built.steps_per_epoch) == (25, 15, 25 // 4)
+    batches = list(built.train)
+    assert len(batches) == built.steps_per_epoch
+    for images, labels in batches:
+        assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+        assert labels.shape == (4,) and labels.dtype == torch.int64
+        # the label is the class of that very image
+        assert labels.tolist() == [TRAIN_LABELS[n] for n in numbers_of(images)]
+    val = list(built.val)
+    assert [len(labels) for _, labels in val] == [4, 4, 4, 3]
+    assert all(images.shape[1:] == (3, 16, 16) for images, _ in val)
+
+
+def test_training_epochs_read_disjoint_samples_and_reshuffle(dataset):
+    built = loaders(dataset)
+    epochs = []
+    for epoch in range(3):
+        built.set_epoch(epoch, 0)
+        epochs.append([n for images, _ in built.train for n in numbers_of(images)])
+    for numbers in epochs:
+        assert len(numbers) == 24 and len(set(numbers)) == 24  # no image twice in an epoch
+        assert set(numbers) <= set(range(25))
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_run_equal_steps_on_disjoint_shards(dataset, processes):
+    # 25 images, per-process batch 3: shards of 12/13 (or 8/8/9) images, 25 // (3 * processes) steps each.
+    per_rank = [loaders(dataset, batch=3, processes=processes, rank=r) for r in range(processes)]
+    steps = 25 // (3 * processes)
+    for epoch in range(3):  # the dropped ragged end must not shift later epochs
+        seen = []
+        for built in per_rank:
+            built.set_epoch(epoch, 0)
+            batches = list(built.train)
+            assert len(batches) == built.steps_per_epoch == steps
+            seen += [n for images, _ in batches for n in numbers_of(images)]
+        assert len(seen) == len(set(seen)) == steps * 3 * processes
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_validation_reads_every_image_exactly_once(dataset, processes):
+    seen = Counter()
+    for rank in range(processes):
+        built = loaders(dataset, processes=processes, rank=rank)
+        for _ in range(2):  # and again at the next evaluation
+            for images, labels in built.val:
+                numbers = numbers_of(images)
+                assert labels.tolist() == [(n - VAL_FIRST) // 5 for n in numbers]
+                seen.update(numbers)
+    assert seen == Counter({n: 2 for n in range(VAL_FIRST, VAL_FIRST + 15)})
+
+
+def test_class_order_and_validation_images_agree_with_the_hf_loader(tmp_path):
+    # Names whose sorted order is not the order they were made in.
+    root = make_colour_folder(tmp_path / "d", classes=["b_cls", "a_cls", "C_cls"])
+    dali, hf = loaders(root), loaders(root, name="hf", workers=0)
+    assert dali.class_names == hf.class_names == ("C_cls", "a_cls", "b_cls")
+    dali_val = [(numbers_of(i), l.tolist()) for i, l in dali.val]
+    hf_val = [(numbers_of(i), l.tolist()) for i, l in hf.val]
+    assert dali_val == hf_val  # same images, same order, same labels
+    dali_images = torch.cat([i for i, _ in dali.val])
+    hf_images = torch.cat([i for i, _ in hf.val])
+    assert (dali_images - hf_images).abs().max() < 0.1
+
+
+def test_training_augmentation_crops_resizes_and_flips(tmp_path):
+    # Left half red, right half blue: flips swap the sides, crops move the border.
+    root = tmp_path / "d"
+    for split in ("train", "val"):
+        (root / split / "c").mkdir(parents=True)
+        image = Image.new("RGB", (64, 48), (255, 0, 0))
+        image.paste((0, 0, 255), (32, 0, 64, 48))
+        for i in range(16):
+            image.save(root / split / "c" / f"{i}.JPEG", quality=95)
+    built = loaders(root, batch=16, num_classes=1)
+    images, _ = next(iter(built.train))
+    red_left = images[:, 0, :, :4].mean(dim=(1, 2)) > images[:, 2, :, :4].mean(dim=(1, 2))
+    assert 0 < red_left.sum() < 16  # some flipped, some not
+    border = (images[:, 0] > 0).float().mean(dim=(1, 2))  # share of red pixels: where the crop fell
+    assert len(set(border.mul(16).round().tolist())) > 3
+
+
+# ---------------------------------------------------------------------- CPU and GPU decoding
+
+
+GPU_DECODING = PreprocessConfig(train_crop_size=16, val_image_size=20, val_crop_size=16, dali_cpu=False,
+                                dali_hw_decoder_load=0.5, dali_preallocate_width_hint=640,
+                                dali_preallocate_height_hint=480)
+
+
+def test_without_cuda_gpu_decoding_falls_back_to_the_cpu_and_says_so(colour_folder, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dali, "_announced", False)
+    with caplog.at_level("INFO", logger="train"):
+        built = loaders(colour_folder, preprocess=GPU_DECODING)
+        loaders(colour_folder, preprocess=GPU_DECODING)
+    images, _ = next(iter(built.train))
+    assert images.device.type == "cpu"
+    said = [r.getMessage() for r in caplog.records if "no CUDA device" in r.getMessage()]
+    assert said == ["DALI: no CUDA device, so every operator runs on the CPU "
+                    "(train.preprocess.dali_cpu = false does not apply)"]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gpu_decoding_pipeline_is_well_formed(colour_folder, training):
+    # Defining a pipeline checks every operator argument, so this guards the mixed
+    # decoder's options on machines without a GPU, where it cannot be built.
+    source = FolderSource(colour_folder, (str(colour_folder / "val" / "n00000000" / "img_000.JPEG"),), (0,))
+    spec = PipelineSpec(source=source, training=training, preprocess=GPU_DECODING, batch_size=1, num_threads=1,
+                        prefetch=1, shard_id=0, num_shards=1, seed=0, device_id=0)
+    assert spec.decoder_device == "mixed"
+    assert define_pipeline(spec) is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decoding_gives_cuda_batches(colour_folder):
+    built = loaders(colour_folder, preprocess=GPU_DECODING)
+    images, labels = next(iter(built.train))
+    assert images.device.type == "cuda" and images.shape == (4, 3, 16, 16)
+    assert labels.tolist() == [TRAIN_LABELS[n] for n in numbers_of(images.cpu())]
+    assert sum(len(l) for _, l in built.val) == 15
+
+
+# ----------------------------------------------------------------- mid-epoch save/restore
+
+
+def test_batches_after_a_mid_epoch_restore_are_identical(dataset):
+    reference = loaders(dataset)
+    expected = []
+    for epoch in range(2):
+        reference.set_epoch(epoch, 0)
+        expected.append([(images.clone(), labels.clone()) for images, labels in reference.train])
+
+    interrupted = loaders(dataset)
+    interrupted.set_epoch(0, 0)
+    batches = iter(interrupted.train)
+    for _ in range(3):
+        next(batches)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint file holds
+
+    resumed = loaders(dataset)
+    resumed.set_epoch(0, 3)
+    resumed.load_state_dict(state)
+    rest = list(resumed.train)
+    resumed.set_epoch(1, 0)
+    following = list(resumed.train)
+    assert len(rest) == len(expected[0]) - 3 and len(following) == len(expected[1])
+    for (a, la), (b, lb) in zip(expected[0][3:] + expected[1], rest + following):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_restoring_another_process_layout_is_refused(colour_folder):
+    state = loaders(colour_folder).state_dict()
+    other = loaders(colour_folder, processes=2, rank=1)
+    with pytest.raises(DataError, match="same number of processes"):
+        other.load_state_dict(state)
+
+
+def test_train_stats_stream_leaves_the_training_position_alone(colour_folder):
+    built = loaders(colour_folder)
+    first = [numbers_of(i) for i, _ in built.train]
+    built.set_epoch(1, 0)
+    it = iter(built.train)
+    second_head = numbers_of(next(it)[0])
+    stats = [numbers_of(i) for i, _ in built.train_stats()]
+    assert stats == first  # a fresh pass from the start
+    second_rest = [numbers_of(i) for i, _ in it]
+    control = loaders(colour_folder)
+    list(control.train)
+    control.set_epoch(1, 0)
+    assert [second_head] + second_rest == [numbers_of(i) for i, _ in control.train]
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "zero-byte":
+        path.write_bytes(b"")
+    elif how == "not an image":
+        path.write_text("<html><body>404 Not Found</body></html>\n")
+
+
+@pytest.mark.parametrize("how, reason", [("truncated", "truncated"), ("zero-byte", "empty file"),
+                                         ("not an image", "not an image")])
+def test_bad_files_are_found_before_dali_reads_them(tmp_path, how, reason):
+    root = make_image_folder(tmp_path / "d", classes=3, train_per_class=4, val_counts=(2, 2, 2), size=48)
+    bad = root / "train" / "n00000001" / "img_0002.JPEG"
+    damage(bad, how)
+    with pytest.raises(DataError) as error:
+        loaders(root)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1
+    assert str(bad) in message and reason in message and f"python -m train.data.check {root}" in message
+
+
+def test_verification_is_cached_by_size_and_modification_time(tmp_path):
+    from train.data.verify import default_cache_file, verify_files
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=3, val_counts=(1, 1))
+    paths = sorted(str(p) for p in root.rglob("*.JPEG"))
+    decoded = []
+    assert verify_files(paths, root, default_cache_file(root), 2, on_start=decoded.append) == []
+    assert verify_files(paths, root, default_cache_file(root), 2, on_start=decoded.append) == []
+    assert decoded == [len(paths)]  # the second pass decoded nothing
+    damage(Path(paths[0]), "truncated")
+    problems = verify_files(paths, root, default_cache_file(root), 2, on_start=decoded.append)
+    assert decoded == [len(paths), 1] and [p.path for p in problems] == [paths[0]]
+
+
+def test_a_file_dali_cannot_read_is_named_even_past_verification(tmp_path):
+    # Bypasses the verification pass to show the second line of defence: DALI's own error,
+    # turned into a one-line message naming the file.
+    root = make_image_folder(tmp_path / "d", classes=1, train_per_class=4, val_counts=(1,))
+    files = sorted(str(p) for p in (root / "train").rglob("*.JPEG"))
+    Path(files[1]).write_bytes(b"")
+    spec = PipelineSpec(source=FolderSource(root, tuple(files), (0,) * 4), training=True, preprocess=PREPROCESS,
+                        batch_size=4, num_threads=1, prefetch=1, shard_id=0, num_shards=1, seed=0, device_id=None)
+    with pytest.raises(DataError) as error:
+        next(iter(DaliTrainLoader(spec, 1, pin_memory=False)))
+    assert files[1] in str(error.value) and "python -m train.data.check" in str(error.value)
+
+
+def test_valid_oddities_decode_cmyk_greyscale_and_png_named_jpeg(tmp_path):
+    root = tmp_path / "d"
+    colour = (200, 40, 90)
+    for split in ("train", "val"):
+        folder = root / split / "c"
+        folder.mkdir(parents=True)
+        solid = Image.new("RGB", (32, 24), colour)
+        solid.convert("CMYK").save(folder / "cmyk.JPEG", "JPEG", quality=95)
+        solid.convert("L").save(folder / "grey.JPEG", "JPEG", quality=95)
+        solid.save(folder / "png.JPEG", "PNG")
+        solid.save(folder / "plain.JPEG", "JPEG", quality=95)
+    built = loaders(root, num_classes=1)
+    (images, labels), = list(built.val)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = (images * std + mean).mul(255).mean(dim=(2, 3))
+    grey = round(0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2])
+    expected = {"cmyk": colour, "grey": (grey,) * 3, "plain": colour, "png": colour}  # files in sorted order
+    for row, name in zip(rgb.tolist(), sorted(expected)):
+        assert row == pytest.approx(expected[name], abs=4), name
+
+
+# ------------------------------------------------------------------------------ shards
+
+
+@pytest.fixture
+def shard_copy(colour_shards, tmp_path):
+    import shutil
+    return Path(shutil.copytree(colour_shards, tmp_path / "shards"))
+
+
+def test_missing_shard_index_is_a_one_line_error(shard_copy):
+    index = index_path(shard_copy / "train-00001.tar")
+    index.unlink()
+    with pytest.raises(DataError, match=f"{index} is missing.*python -m train.data.check"):
+        loaders(shard_copy)
+
+
+@pytest.mark.parametrize("how", ["older than the archive", "offsets of another archive"])
+def test_stale_shard_index_is_a_one_line_error(shard_copy, how):
+    tar = shard_copy / "train-00001.tar"
+    index = index_path(tar)
+    if how == "older than the archive":
+        os.utime(index, ns=(tar.stat().st_mtime_ns - 10**9,) * 2)
+    else:
+        # The archive replaced by another with fewer samples (dates kept plausible): the
+        # index's last entry now points at the archive's end blocks.
+        tar.write_bytes((shard_copy / "val-00000.tar").read_bytes())
+        os.utime(tar, ns=(index.stat().st_mtime_ns - 10**9,) * 2)
+    with pytest.raises(DataError, match=f"{index} is stale.*python -m train.data.check"):
+        loaders(shard_copy)
+
+
+def test_hf_loader_refuses_shards_with_a_clear_error(colour_shards):
+    with pytest.raises(DataError, match="holds WebDataset shards, which only"):
+        loaders(colour_shards, name="hf", workers=0)

@@ -1,0 +1,458 @@
+"""The DALI input pipeline (``[dataloader] name = "dali"``).
+
+Two readers feed the same operators: DALI's file reader over an ImageNet-layout folder
+(the file list and class indices come from ``folder.py``, as for the HF loader) and its
+webdataset reader over ``train-*.tar`` / ``val-*.tar`` shards (``shards.py``).
+
+Training: random-area crop fused into decoding, resize to ``train_crop_size``, random
+horizontal flip, normalize, CHW float. Validation: resize the shorter side to
+``val_image_size``, centre crop ``val_crop_size``. Decoding runs on the CPU, or on the GPU
+(``mixed``) when ``preprocess.dali_cpu = false`` and CUDA is there.
+
+Each process reads shard ``rank`` of ``num_processes``. DALI pads every shard to the same
+number of batches by repeating its last sample; the wrappers below turn that into what the
+training loop expects: exactly ``steps_per_epoch`` batches per training epoch on every
+process (the rest of DALI's epoch is read and dropped, so the next epoch starts on an epoch
+boundary), and for validation exactly this shard's samples, padding cut off.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, types
+from nvidia.dali.backend import TensorListGPU
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from ..config import PreprocessConfig
+from .folder import DataError, scan_image_folder
+from .shards import is_shard_set, open_shard_set
+from .transforms import CROP_AREA, CROP_ASPECT, IMAGENET_MEAN, IMAGENET_STD
+from .verify import available_cpus, default_cache_file, describe_problems, verify_files
+
+LOG = logging.getLogger("train")
+
+READER = "Reader"
+CHECK_COMMAND = "python -m train.data.check"
+MEAN = [255 * m for m in IMAGENET_MEAN]
+STD = [255 * s for s in IMAGENET_STD]
+INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "triangular": types.INTERP_TRIANGULAR,
+                 "bicubic": types.INTERP_CUBIC}
+# nvJPEG buffer paddings from NVIDIA's ImageNet ResNet-50 example: big enough for ImageNet's
+# largest images, so the GPU decoder does not reallocate in the middle of an epoch.
+DEVICE_MEMORY_PADDING = 211_025_920
+HOST_MEMORY_PADDING = 140_544_512
+# Webdataset shards are read in order; this buffer reshuffles samples within a window.
+SHUFFLE_BUFFER = 4096
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """Files and class indices of one split of an ImageNet-layout folder."""
+    root: Path
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Tar archives and their index files for one split of a shard set."""
+    root: Path
+    tars: tuple[str, ...]
+    indices: tuple[str, ...]
+    num_samples: int
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSource, FolderSource | ShardSource,
+                                                         tuple[str, ...]]:
+    """The train and val sources of ``root`` (shards or a folder) and the class names.
+
+    A folder's files are verified first (once; the results are cached), since DALI may
+    crash the process on a damaged file instead of naming it.
+    """
+    if is_shard_set(root):
+        shard_set = open_shard_set(root, num_classes)
+        train, val = (ShardSource(root, tuple(str(s.tar) for s in shard_set.split(split)),
+                                  tuple(str(s.index) for s in shard_set.split(split)), shard_set.num_samples(split))
+                      for split in ("train", "val"))
+        return train, val, shard_set.class_names
+    train_split, val_split = scan_image_folder(root, num_classes)
+    paths = train_split.paths + val_split.paths
+
+    def announce(count: int) -> None:
+        LOG.info(f"verifying {count} images of {root} before DALI reads them (once: the results are cached)")
+
+    problems = verify_files(paths, root, default_cache_file(root), available_cpus(), on_start=announce)
+    if problems:
+        raise DataError(describe_problems(problems, root))
+    return (FolderSource(root, train_split.paths, train_split.labels),
+            FolderSource(root, val_split.paths, val_split.labels), train_split.class_names)
+
+
+def _read(source, training: bool, shard_id: int, num_shards: int, seed: int):
+    """The reader of ``source``: (encoded images, raw labels)."""
+    sharding = dict(shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name=READER)
+    # Validation keeps each process on its shard (DALI would otherwise move every process to
+    # the next shard at each epoch, and the padding to trim would move with it).
+    shuffling = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if training else dict(stick_to_shard=True)
+    if isinstance(source, FolderSource):
+        # shuffle_after_epoch reshuffles the whole list each epoch with the same seed on
+        # every process, so the shards of an epoch are a partition of the data set. (DALI's
+        # other option, random_shuffle, only shuffles within a window of each shard.)
+        return fn.readers.file(files=list(source.files), labels=list(source.labels), **shuffling, **sharding)
+    # Shards are read sequentially: the archive order is reshuffled each epoch and a buffer
+    # mixes samples; the converter stored the samples in random order to begin with.
+    return fn.readers.webdataset(paths=list(source.tars), index_paths=list(source.indices), ext=["jpg", "cls"],
+                                 missing_component_behavior="error", random_shuffle=training,
+                                 initial_fill=SHUFFLE_BUFFER, **shuffling, **sharding)
+
+
+# ------------------------------------------------------------------------ pipelines
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything a pipeline is built from, so it can be rebuilt (from a checkpoint)."""
+    source: FolderSource | ShardSource
+    training: bool
+    preprocess: PreprocessConfig
+    batch_size: int
+    num_threads: int
+    prefetch: int
+    shard_id: int
+    num_shards: int
+    seed: int
+    device_id: int | None  # None: CPU only
+
+    @property
+    def decoder_device(self) -> str:
+        return "cpu" if self.device_id is None else "mixed"
+
+
+def _decoder_options(spec: PipelineSpec) -> dict:
+    if spec.decoder_device == "cpu":
+        return {}
+    p = spec.preprocess
+    return dict(hw_decoder_load=p.dali_hw_decoder_load, preallocate_width_hint=p.dali_preallocate_width_hint,
+                preallocate_height_hint=p.dali_preallocate_height_hint,
+                device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING)
+
+
+def define_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipeline:
+    """The DALI pipeline of ``spec``, defined but not yet built (which starts it)."""
+    p = spec.preprocess
+    pipe = Pipeline(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
+                    # The augmentation differs per process; the reader's shuffle seed does not.
+                    seed=spec.seed + spec.shard_id, prefetch_queue_depth=spec.prefetch,
+                    enable_checkpointing=spec.training, checkpoint=checkpoint)
+    interp = INTERPOLATION[p.interpolation]
+    with pipe:
+        encoded, labels = _read(spec.source, spec.training, spec.shard_id, spec.num_shards, spec.seed)
+        if spec.training:
+            images = fn.decoders.image_random_crop(encoded, device=spec.decoder_device, output_type=types.RGB,
+                                                   random_area=list(CROP_AREA), random_aspect_ratio=list(CROP_ASPECT),
+                                                   num_attempts=10, **_decoder_options(spec))
+            images = fn.resize(images, resize_x=p.train_crop_size, resize_y=p.train_crop_size, interp_type=interp,
+                               antialias=True)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
+                                              mirror=fn.random.coin_flip(probability=0.5))
+        else:
+            images = fn.decoders.image(encoded, device=spec.decoder_device, output_type=types.RGB,
+                                       **_decoder_options(spec))
+            images = fn.resize(images, resize_shorter=p.val_image_size, interp_type=interp, antialias=True)
+            images = fn.crop_mirror_normalize(images, crop=(p.val_crop_size, p.val_crop_size), dtype=types.FLOAT,
+                                              output_layout="CHW", mean=MEAN, std=STD)
+        pipe.set_outputs(images, labels)
+    return pipe
+
+
+def build_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipeline:
+    """The DALI pipeline of ``spec``, built, restored from ``checkpoint`` if one is given."""
+    pipe = define_pipeline(spec, checkpoint)
+    try:
+        pipe.build()
+    except RuntimeError as exc:
+        if _DECODE_FAILURE.search(str(exc)):  # a file the reader could not open
+            raise _data_error(exc, spec.source.root) from None
+        raise
+    return pipe
+
+
+def batches_per_epoch(pipe: Pipeline, batch_size: int) -> int:
+    """Batches in one DALI epoch of this shard: every shard is padded to the largest one."""
+    meta = pipe.reader_meta(READER)
+    return math.ceil(meta["epoch_size_padded"] / meta["number_of_shards"] / batch_size)
+
+
+def shard_size(num_samples: int, shard_id: int, num_shards: int) -> int:
+    """Samples in DALI's shard ``shard_id``: it reads [n * id // shards, n * (id + 1) // shards)."""
+    return num_samples * (shard_id + 1) // num_shards - num_samples * shard_id // num_shards
+
+
+# ------------------------------------------------------------------- batch output
+
+
+_DECODE_FAILURE = re.compile(r"(?:Failed to decode sample #\d+ : |File mapping failed: |"
+                             r"Could not open file |Failed to open file )(\S+)")
+
+
+def _data_error(exc: Exception, root: Path) -> DataError:
+    """A one-line error naming the file DALI choked on, when its message says which."""
+    text = str(exc)
+    match = _DECODE_FAILURE.search(text)
+    hint = f"run {CHECK_COMMAND} {root} to list every unreadable image"
+    if match:
+        return DataError(f"cannot read image {match.group(1)} (DALI: {_dali_reason(text)}); {hint}")
+    return DataError(f"DALI failed reading {root}: {_dali_reason(text)}; {hint}")
+
+
+def _dali_reason(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    skip = ("Critical error", "Error in ", "which was used", "File \"", "encountered:", "Current pipeline",
+            "C++ context", "jpegs", "img", "images", "encoded")
+    useful = [line for line in lines if not line.startswith(skip)]
+    return useful[0][:200] if useful else (lines[0][:200] if lines else type(text).__name__)
+
+
+def _images_to_torch(images, pin_memory: bool) -> torch.Tensor:
+    tensor = images.as_tensor()
+    if isinstance(images, TensorListGPU):
+        out = torch.empty(tensor.shape(), dtype=torch.float32, device=torch.device("cuda", tensor.device_id()))
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
+        return out
+    if pin_memory:  # page-locked, so the loop's copy to the GPU can overlap compute
+        return feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=torch.float32, pin_memory=True))
+    # The dynamic executor allocates every output afresh and the DLPack capsule keeps it
+    # alive, so the batch can be handed over without a copy.
+    return torch.from_dlpack(tensor)
+
+
+def _folder_labels(labels) -> torch.Tensor:
+    return torch.from_numpy(np.array(labels.as_tensor())).view(-1).long()
+
+
+def _shard_labels(labels) -> torch.Tensor:
+    """Class indices from the ASCII digits of the ``.cls`` components."""
+    values = []
+    for i in range(len(labels)):
+        text = np.array(labels[i]).tobytes().strip()
+        if not text.isdigit():
+            raise DataError(f"a shard sample has class {text[:20]!r}, not a number; run {CHECK_COMMAND}")
+        values.append(int(text))
+    return torch.tensor(values, dtype=torch.int64)
+
+
+class _Runner:
+    """One DALI pipeline: built lazily, run batch by batch, outputs as torch tensors."""
+
+    def __init__(self, spec: PipelineSpec, pin_memory: bool):
+        self.spec = spec
+        self.pin_memory = pin_memory
+        self.labels_to_torch = _folder_labels if isinstance(spec.source, FolderSource) else _shard_labels
+        self.pipe: Pipeline | None = None
+        self.checkpoint: bytes | None = None  # restore from this at the next build
+        self.batches_per_epoch = 0
+
+    def ensure_built(self) -> None:
+        if self.pipe is None:
+            self.pipe = build_pipeline(self.spec, self.checkpoint)
+            self.batches_per_epoch = batches_per_epoch(self.pipe, self.spec.batch_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ensure_built()
+        try:
+            images, labels = self.pipe.run()
+        except RuntimeError as exc:
+            raise _data_error(exc, self.spec.source.root) from None
+        return _images_to_torch(images, self.pin_memory), self.labels_to_torch(labels)
+
+    def skip(self, batches: int) -> None:
+        for _ in range(batches):
+            try:
+                self.pipe.run()
+            except RuntimeError as exc:
+                raise _data_error(exc, self.spec.source.root) from None
+
+    def save(self) -> str | None:
+        """DALI's checkpoint (serialized Protobuf) as base64 text, so the state is plain JSON."""
+        checkpoint = self.pipe.checkpoint() if self.pipe is not None else self.checkpoint
+        return None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii")
+
+    def restore(self, checkpoint: str | None) -> None:
+        self.pipe = None  # a DALI pipeline takes its checkpoint when it is built
+        self.checkpoint = None if checkpoint is None else base64.b64decode(checkpoint)
+
+
+# ------------------------------------------------------------------------ loaders
+
+
+class DaliTrainLoader:
+    """Training batches: ``steps_per_epoch`` per epoch, the same number on every process.
+
+    ``position`` is (epoch, batches yielded in it). At the end of an epoch the rest of DALI's
+    epoch for this shard (the ragged end and the padding, at most two batches) is read and
+    dropped, so every epoch starts on a DALI epoch boundary and DALI's reshuffle lines up
+    with the loop's epochs.
+    """
+
+    def __init__(self, spec: PipelineSpec, steps_per_epoch: int, pin_memory: bool):
+        self.runner = _Runner(spec, pin_memory)
+        self.steps_per_epoch = steps_per_epoch
+        self.position = (0, 0)
+        self.reader_batches = 0  # batches taken from the current DALI epoch, dropped ones included
+        self.requested: tuple[int, int] | None = None
+        self.restored = False
+        self.warned = False
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.requested = (epoch, start_batch)
+
+    def __len__(self) -> int:
+        epoch, done = self.requested or self.position
+        return self.steps_per_epoch - done
+
+    def __iter__(self):
+        self.runner.ensure_built()
+        self._go_to_requested_position()
+        epoch, done = self.position
+        while done < self.steps_per_epoch:
+            batch = self.runner.next_batch()
+            self.reader_batches += 1
+            done += 1
+            self.position = (epoch, done)
+            yield batch
+        self._finish_reader_epoch()
+        self.position = (epoch + 1, 0)
+
+    def _finish_reader_epoch(self) -> None:
+        self.runner.skip(self.runner.batches_per_epoch - self.reader_batches)
+        self.reader_batches = 0
+
+    def _go_to_requested_position(self) -> None:
+        requested, self.requested = self.requested, None
+        restored, self.restored = self.restored, False
+        if self.position[1] >= self.steps_per_epoch:  # the last pass stopped after its final batch
+            self._finish_reader_epoch()
+            self.position = (self.position[0] + 1, 0)
+        if requested is None or requested == self.position:
+            return
+        if restored:
+            raise ValueError(f"set_epoch{requested} does not match the restored DALI loader state "
+                             f"(epoch {self.position[0]}, batch {self.position[1]})")
+        # No saved reader state to go back to: the batch count is honoured, but which samples
+        # this epoch holds differs from the uninterrupted run.
+        if not self.warned:
+            LOG.warning(f"DALI loader: starting at epoch {requested[0] + 1}, batch {requested[1]} without a "
+                        "saved reader state; the sample order of this epoch differs from an uninterrupted run")
+            self.warned = True
+        if self.reader_batches:
+            self._finish_reader_epoch()
+        self.position = requested
+
+    def fresh_copy(self) -> "DaliTrainLoader":
+        """Another loader of the same shard and preprocessing, from the start, with its own
+        pipeline (built when first iterated, freed with the copy): this one keeps its place."""
+        return DaliTrainLoader(self.runner.spec, self.steps_per_epoch, self.runner.pin_memory)
+
+    def state_dict(self) -> dict:
+        """This process's reader position and random state (each process has its own)."""
+        spec = self.runner.spec
+        return {"version": STATE_VERSION, "shard_id": spec.shard_id, "num_shards": spec.num_shards,
+                "batch_size": spec.batch_size, "num_samples": len(spec.source),
+                "epoch": self.position[0], "batch": self.position[1], "reader_batches": self.reader_batches,
+                "pipeline": self.runner.save()}
+
+    def load_state_dict(self, state: dict) -> None:
+        spec = self.runner.spec
+        saved = (state.get("shard_id"), state.get("num_shards"), state.get("batch_size"), state.get("num_samples"))
+        now = (spec.shard_id, spec.num_shards, spec.batch_size, len(spec.source))
+        if state.get("version") != STATE_VERSION or saved != now:
+            raise DataError(f"the saved DALI loader state is for shard {saved[0]} of {saved[1]}, batch {saved[2]}, "
+                            f"{saved[3]} images; this run is shard {now[0]} of {now[1]}, batch {now[2]}, {now[3]} "
+                            "images: resume with the same number of processes, batch size and data")
+        self.runner.restore(state["pipeline"])
+        self.position = (state["epoch"], state["batch"])
+        self.reader_batches = state["reader_batches"]
+        self.restored = True
+
+
+class DaliValLoader:
+    """Validation batches of this process's shard: each of its samples once, no padding."""
+
+    def __init__(self, spec: PipelineSpec, pin_memory: bool):
+        self.runner = _Runner(spec, pin_memory)
+        self.samples = shard_size(len(spec.source), spec.shard_id, spec.num_shards)
+        self.reader_batches = 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples / self.runner.spec.batch_size)
+
+    def __iter__(self):
+        self.runner.ensure_built()
+        if self.reader_batches:  # an earlier pass was abandoned half-way
+            self.runner.skip(self.runner.batches_per_epoch - self.reader_batches)
+            self.reader_batches = 0
+        batch_size = self.runner.spec.batch_size
+        left = self.samples
+        while self.reader_batches < self.runner.batches_per_epoch:
+            images, labels = self.runner.next_batch()
+            self.reader_batches += 1
+            keep = min(left, batch_size)
+            left -= keep
+            if keep:
+                yield images[:keep], labels[:keep]
+        self.reader_batches = 0
+
+
+# ---------------------------------------------------------------------- devices
+
+
+_announced = False
+
+
+def choose_device(dali_cpu: bool) -> int | None:
+    """The CUDA device for the GPU decoder, or None to run every operator on the CPU."""
+    global _announced
+    cuda = torch.cuda.is_available()
+    if not _announced:
+        _announced = True
+        if not cuda:
+            ignored = " (train.preprocess.dali_cpu = false does not apply)" if not dali_cpu else ""
+            LOG.info(f"DALI: no CUDA device, so every operator runs on the CPU{ignored}")
+    if not cuda or dali_cpu:
+        return None
+    # Accelerate has made this process's GPU (its local index) the current device.
+    return torch.cuda.current_device()
+
+
+def make_loaders(train: FolderSource | ShardSource, val: FolderSource | ShardSource, preprocess: PreprocessConfig,
+                 per_process_batch: int, num_processes: int, rank: int, seed: int, num_threads: int,
+                 prefetch: int, pin_memory: bool) -> tuple[DaliTrainLoader, DaliValLoader, int]:
+    """The training and validation loaders of this process, and the steps per epoch."""
+    device_id = choose_device(preprocess.dali_cpu)
+    common = dict(preprocess=preprocess, batch_size=per_process_batch, num_threads=max(1, num_threads),
+                  prefetch=prefetch, shard_id=rank, num_shards=num_processes, seed=seed, device_id=device_id)
+    steps_per_epoch = len(train) // (per_process_batch * num_processes)
+    train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, **common), steps_per_epoch,
+                                   pin_memory and device_id is None)
+    val_loader = DaliValLoader(PipelineSpec(source=val, training=False, **common), pin_memory and device_id is None)
+    return train_loader, val_loader, steps_per_epoch
+

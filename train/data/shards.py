@@ -1,0 +1,268 @@
+"""WebDataset shards: ``train-NNNNN.tar`` and ``val-NNNNN.tar``, each with a DALI index file.
+
+A shard holds one ``<key>.jpg`` (the original file's bytes, whatever its format) and one
+``<key>.cls`` (the class index as ASCII digits, the WebDataset convention) per sample. Next to
+each ``.tar`` lies its ``.idx``, the index DALI's webdataset reader needs to find samples
+without scanning the archive at every start. ``manifest.json`` records the class names, so the
+class index of a sample means the same as in the folder it was converted from, and the sample
+count of every shard.
+
+Shards made by other tools work too: without a manifest the classes are named "0", "1", ...
+and the counts are read from the index files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from .folder import DataError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val")
+INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
+TAR_BLOCK = 512
+CHECK_HINT = "python -m train.data.check"
+_SHARD_NAME = re.compile(r"^(train|val)-(\d+)\.tar$")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.tar"
+
+
+def index_path(tar_path: Path) -> Path:
+    return tar_path.with_suffix(".idx")
+
+
+def is_shard_set(root: Path) -> bool:
+    """True when ``root`` holds ``train-*.tar`` shards (rather than an ImageNet-layout folder)."""
+    return root.is_dir() and any(_SHARD_NAME.match(p.name) for p in root.glob("train-*.tar"))
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def sample_key(position: int, class_name: str, file_name: str) -> str:
+    """A key unique within the split that still names the original file.
+
+    DALI splits a member name at its first dot into key and extension, so dots become '_'.
+    """
+    stem = os.path.splitext(file_name)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{position:08d}-{class_name}-{stem}")
+
+
+def write_shard(tar_path: Path, samples: Iterable[tuple[str, bytes, int]]) -> int:
+    """Write ``(key, image bytes, label)`` samples to ``tar_path`` and its index, atomically;
+    returns the number of samples (no files are left when there are none).
+
+    Both files are written under temporary names and renamed, the index last, so an
+    interrupted conversion never leaves a shard that looks complete.
+    """
+    staging = tar_path.with_name(tar_path.name + ".partial")
+    count = 0
+    with tarfile.open(staging, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, data, label in samples:
+            for extension, payload in (("jpg", data), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(payload)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(payload))
+            count += 1
+    if count == 0:
+        staging.unlink()
+        return 0
+    idx_staging = index_path(tar_path).with_name(index_path(tar_path).name + ".partial")
+    idx_staging.write_text(index_text(staging), encoding="utf-8")
+    os.replace(staging, tar_path)
+    os.replace(idx_staging, index_path(tar_path))
+    return count
+
+
+def index_text(tar_path: Path) -> str:
+    """The DALI index (format v1.2) of a tar archive: one line per sample, its components'
+    extension, data offset, size and member name."""
+    samples: list[list[str]] = []
+    last_key = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            if base.startswith(".") or "." not in base:
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            key, extension = member.name[:dot], member.name[dot + 1:]
+            entry = f"{extension} {member.offset_data} {member.size} {member.name}"
+            if key != last_key:
+                samples.append([entry])
+                last_key = key
+            else:
+                samples[-1].append(entry)
+    if not samples:
+        raise DataError(f"{tar_path}: the archive holds no samples")
+    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+
+
+# ------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: Path
+    index: Path
+    samples: int
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    class_names: tuple[str, ...]
+    train: tuple[Shard, ...]
+    val: tuple[Shard, ...]
+
+    def split(self, name: str) -> tuple[Shard, ...]:
+        return self.train if name == "train" else self.val
+
+    def num_samples(self, split: str) -> int:
+        return sum(shard.samples for shard in self.split(split))
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = root / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the shard manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise DataError(f"{path}: not a manifest of this version ({MANIFEST_VERSION}); "
+                        "convert the folder again with python -m train.data.convert")
+    return manifest
+
+
+def _index_entries(index: Path) -> tuple[int, list[str]]:
+    """The sample count of an index file and its first and last sample lines."""
+    with open(index, encoding="utf-8") as f:
+        header = f.readline().split()
+        first = last = f.readline()
+        for line in f:
+            if line.strip():
+                last = line
+    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
+        raise DataError(f"{index}: not a DALI index file (first line should be '{INDEX_VERSION} <samples>'); "
+                        f"rebuild it, and run {CHECK_HINT} on the shard folder")
+    return int(header[1]), [first, last]
+
+
+def check_index(tar: Path, index: Path, expected_samples: int | None = None) -> int:
+    """Confirm that ``index`` exists and describes ``tar`` as it is now; returns the sample count.
+
+    A stale index (the archive was rewritten after it) makes DALI read garbage at wrong
+    offsets, so each entry checked must point just past a tar header whose size field
+    matches, and the index must not be older than its archive.
+    """
+    hint = f"run {CHECK_HINT} {tar.parent}"
+    if not index.exists():
+        raise DataError(f"{index} is missing: shard {tar.name} has no DALI index file; "
+                        f"convert again (python -m train.data.convert resumes) or {hint}")
+    if index.stat().st_mtime_ns < tar.stat().st_mtime_ns:
+        raise DataError(f"{index} is stale: it is older than {tar.name}; rebuild the index "
+                        f"(python -m train.data.convert resumes) or {hint}")
+    count, lines = _index_entries(index)
+    if expected_samples is not None and count != expected_samples:
+        raise DataError(f"{index} is stale: it lists {count} samples but the manifest says {expected_samples}; {hint}")
+    tar_size = tar.stat().st_size
+    with open(tar, "rb") as archive:
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 3 or len(fields) % 4 not in (0, 3):
+                raise DataError(f"{index}: malformed line {line.strip()[:80]!r}; {hint}")
+            for offset, size in ((int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)):
+                if offset < TAR_BLOCK or offset + size > tar_size:
+                    raise DataError(f"{index} is stale: it points past the end of {tar.name}; {hint}")
+                archive.seek(offset - TAR_BLOCK)
+                header = archive.read(TAR_BLOCK)
+                if not _header_size_is(header, size):
+                    raise DataError(f"{index} is stale: its offsets do not match {tar.name}; {hint}")
+    return count
+
+
+def _header_size_is(header: bytes, size: int) -> bool:
+    if len(header) != TAR_BLOCK or header[257:262] != b"ustar":
+        return False
+    try:
+        return int(header[124:136].strip(b"\0 ") or b"0", 8) == size
+    except ValueError:
+        return False
+
+
+def open_shard_set(root: str | Path, num_classes: int) -> ShardSet:
+    """The shards of ``root``, every index checked against its archive."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is not None:
+        class_names = tuple(manifest["class_names"])
+        if len(class_names) != num_classes:
+            raise DataError(f"data.num_classes = {num_classes} but {root / MANIFEST} lists {len(class_names)} "
+                            "classes; set data.num_classes to match")
+    else:
+        class_names = tuple(str(i) for i in range(num_classes))
+    splits = {}
+    for split in SPLITS:
+        tars = sorted(root.glob(f"{split}-*.tar"), key=lambda p: p.name)
+        tars = [t for t in tars if _SHARD_NAME.match(t.name)]
+        if not tars:
+            raise DataError(f"data.data_dir: {root} has no {split}-*.tar shards")
+        listed = {s["name"]: s["samples"] for s in manifest["splits"][split]} if manifest else {}
+        if manifest is not None:
+            missing = sorted(set(listed) - {t.name for t in tars})
+            if missing:
+                raise DataError(f"data.data_dir: shard {root / missing[0]} listed in {MANIFEST} is missing "
+                                f"({len(missing)} missing); convert again (python -m train.data.convert resumes)")
+        shards = []
+        for tar in tars:
+            count = check_index(tar, index_path(tar), listed.get(tar.name))
+            shards.append(Shard(tar, index_path(tar), count))
+        splits[split] = tuple(shards)
+    return ShardSet(root, class_names, splits["train"], splits["val"])
+
+
+def iter_shard_samples(shard: Shard):
+    """``(sample name, image bytes, label)`` for each sample of a shard, in stored order.
+
+    A sample's components are consecutive members, so the archive is streamed, not loaded.
+    """
+    key, parts = None, {}
+    with tarfile.open(shard.tar, "r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            dot = member.name.find(".", member.name.rfind("/") + 1)
+            if dot < 0:
+                continue
+            member_key, extension = member.name[:dot], member.name[dot + 1:]
+            if member_key != key:
+                if key is not None:
+                    yield _sample(shard, key, parts)
+                key, parts = member_key, {}
+            parts[extension] = tar.extractfile(member).read()
+    if key is not None:
+        yield _sample(shard, key, parts)
+
+
+def _sample(shard: Shard, key: str, parts: dict[str, bytes]) -> tuple[str, bytes | None, int | None]:
+    label = parts.get("cls")
+    return f"{shard.tar}:{key}", parts.get("jpg"), None if label is None else _parse_label(label)
+
+
+def _parse_label(raw: bytes) -> int | None:
+    text = raw.decode("ascii", errors="replace").strip()
+    return int(text) if text.isdigit() else None

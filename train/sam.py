@@ -1,0 +1,159 @@
+"""Sharpness-Aware Minimization (Foret et al., 2021) around the base SGD optimizer.
+
+SAM steps with the gradient measured at ``w + e`` instead of ``w``, where
+``e = rho * g / ||g||`` is the steepest ascent of length ``rho`` (adaptive SAM, Kwon et al.
+2021: ``e = rho * w^2 * g / || |w| * g ||``, which scales the step per weight).
+
+- v1, two-step: ``g`` is the gradient at ``w`` on the same batch, so each step takes two
+  forward and backward passes.
+- v2, single-step: ``g`` is the previous step's gradient, so each step costs one pass (the
+  first step, with no previous gradient, is a plain step).
+
+SAM only moves the point where the gradient is taken; the base optimizer (its param groups,
+weight decay and lr schedule) steps exactly as it would alone, and ``rho = 0`` is plain SGD.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from .batchnorm import batchnorm_layers, running_stats_frozen
+from .steps import TrainStep
+
+# Keeps e finite when the gradient is zero (then e is zero too).
+NORM_EPSILON = 1e-12
+# Where single-step SAM keeps each parameter's previous gradient: in the base optimizer's
+# state, so that checkpoints carry it and a resumed run perturbs exactly as it would have.
+PREVIOUS_GRAD = "sam_previous_grad"
+
+
+@torch.no_grad()
+def perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor], rho: float,
+                 adaptive: bool) -> list[torch.Tensor]:
+    """e for each weight: ``rho * g / ||g||``, or ``rho * w^2 * g / || |w| * g ||`` if adaptive.
+
+    The norm is taken over all the tensors together, as one vector. The factor stays a
+    tensor: reading it back would make the host wait for the device every step.
+    """
+    if not adaptive:
+        return torch._foreach_mul(grads, rho / _norm_plus_epsilon(grads))
+    abs_weights = torch._foreach_abs(weights)
+    e = torch._foreach_mul(abs_weights, grads)  # |w| * g
+    factor = rho / _norm_plus_epsilon(e)
+    torch._foreach_mul_(e, abs_weights)  # w^2 * g
+    torch._foreach_mul_(e, factor)
+    return e
+
+
+def _norm_plus_epsilon(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))) + NORM_EPSILON
+
+
+def unscale_local_gradients(grads: list[torch.Tensor], accelerator: Accelerator) -> bool:
+    """fp16: divide the gradients by the loss scale in place; False if any process has inf/NaN.
+
+    The check is GradScaler's own (the same kernel it runs in ``unscale_``). The result is
+    agreed on by all processes, since these gradients were not all-reduced and a process that
+    skipped the second pass would leave the others waiting in its all-reduce. Without a loss
+    scaler (fp32, bf16) there is nothing to do.
+    """
+    scaler = accelerator.scaler
+    if scaler is None or not scaler.is_enabled() or not grads:
+        return True
+    device = grads[0].device
+    found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+    inv_scale = torch.full((1,), 1.0 / scaler.get_scale(), dtype=torch.float32, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+    return accelerator.reduce(found_inf, "sum").item() == 0
+
+
+def back_off_loss_scale(scaler: torch.amp.GradScaler) -> None:
+    """What ``GradScaler.update()`` does after an overflow: shrink the scale, restart growth counting."""
+    state = scaler.state_dict()
+    state["scale"] *= state["backoff_factor"]
+    state["_growth_tracker"] = 0
+    scaler.load_state_dict(state)
+
+
+class _SAMStep(TrainStep):
+    """A train step that can move the weights to ``w + e`` and back to exactly ``w``."""
+
+    def __init__(self, model, optimizer, criterion, accelerator: Accelerator, grad_clip_norm: float,
+                 rho: float, adaptive: bool):
+        super().__init__(model, optimizer, criterion, accelerator, grad_clip_norm)
+        self.rho, self.adaptive = rho, adaptive
+        # w is restored by copying, not by subtracting e, so that it comes back bit for bit.
+        self.saved_weights = [torch.empty_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def perturb(self, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        e = perturbation(weights, grads, self.rho, self.adaptive)
+        torch._foreach_copy_(self.saved_weights, self.params)
+        torch._foreach_add_(weights, e)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self.params, self.saved_weights)
+
+
+class TwoStepSAM(_SAMStep):
+    """SAM v1: gradient at w, ascend to w + e, gradient there, back to w, base step.
+
+    The first pass runs under ``no_sync``: each process perturbs along its own batch's
+    gradient (the paper's m-sharpness, with m the per-process batch) and only the second
+    gradient is all-reduced, so the step costs one all-reduce as plain SGD does. The second
+    pass leaves the BatchNorm running statistics alone: they describe the batch at w once.
+    The reported loss is the first pass's, the loss at w.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batchnorm_layers = batchnorm_layers(self.model)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        with self.accelerator.no_sync(self.model):
+            loss = self.backward(images, labels)
+        weights = [p for p in self.params if p.grad is not None]
+        grads = [p.grad for p in weights]
+        if not unscale_local_gradients(grads, self.accelerator):
+            # fp16 overflow in the first pass: skip the whole step, as GradScaler would skip one.
+            back_off_loss_scale(self.accelerator.scaler)
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss, False
+        self.perturb(weights, grads)
+        with running_stats_frozen(self.batchnorm_layers):
+            self.backward(images, labels)
+        self.restore()
+        return loss, self.update()
+
+
+class SingleStepSAM(_SAMStep):
+    """SAM v2: one pass per step, at w + e(previous step's gradient); back to w, base step.
+
+    The gradient kept for the next step is the one the base optimizer used: all-reduced,
+    unscaled (fp16) and clipped. The weights therefore move identically on every process.
+    A skipped (fp16 overflow) step keeps the gradient from before. The reported loss is the
+    loss at the perturbed weights, the only one computed.
+    """
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        state = self.optimizer.state
+        weights = [p for p in self.params if PREVIOUS_GRAD in state[p]]
+        if weights:
+            self.perturb(weights, [state[p][PREVIOUS_GRAD] for p in weights])
+        loss = self.backward(images, labels)
+        if weights:
+            self.restore()
+        updated = self.update()
+        if updated:
+            self.remember_gradients()
+        return loss, updated
+
+    def remember_gradients(self) -> None:
+        # A reference, not a copy: it is read when the next step perturbs, before that
+        # step's backward pass writes gradients (into new tensors, after zero_grad).
+        state = self.optimizer.state
+        for p in self.params:
+            if p.grad is not None:
+                state[p][PREVIOUS_GRAD] = p.grad

@@ -1,0 +1,111 @@
+"""TensorBoard logging through Accelerate's tracker, into ``<run>/tensorboard/``.
+
+What is written (step = optimizer steps so far):
+
+- every ``log_freq`` steps: ``train/loss`` (that step's batch, this process), ``train/lr``,
+  ``train/images_per_s`` (global images per second since the previous log step),
+  ``train/grad_norm`` (L2 norm over all parameters of the gradient the optimizer stepped with;
+  after clipping when ``grad_clip_norm`` is on) and the peak memory: ``train/peak_memory_gib``
+  (``torch.cuda.max_memory_allocated``) on a GPU, ``train/peak_rss_gib`` (the main process's
+  peak resident set size) on the CPU;
+- every evaluation: ``val/loss``, ``val/acc1``, ``val/acc5`` (percent), ``train/epoch_loss``,
+  ``train/epoch``, ``time/epoch_s`` and ``time/train_s`` (training time so far, evaluation
+  excluded), the same numbers as the record in ``metrics.jsonl``;
+- once per start: the flattened config (``train.optim.momentum`` = 0.9, ...) as hyperparameters.
+
+Only the main process writes (Accelerate's trackers act on the main process alone). Values
+are read back from the device only at log steps, where the loop already waits for the loss.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+TRACKER_FOLDER = "tensorboard"  # Accelerate's project name: the folder under the run directory
+
+
+def flatten_config(table: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``; lists and other values become strings.
+
+    TensorBoard's hyperparameters accept only scalars and strings.
+    """
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@torch.no_grad()
+def gradient_norm(parameters) -> float | None:
+    """The L2 norm of all ``.grad`` tensors taken together, or None when there are none.
+
+    After Accelerate's optimizer step the gradients are unscaled (fp16) and, with DDP, the
+    same on every process, so the main process's copy is the global gradient.
+    """
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The run's peak memory so far, in GiB, under a tag that says what was measured."""
+    if device.type == "cuda":
+        return {"train/peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return {}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    bytes_per_unit = 1 if sys.platform == "darwin" else 1024  # Linux reports KiB, macOS bytes
+    return {"train/peak_rss_gib": peak * bytes_per_unit / 2**30}
+
+
+class RunTracker:
+    """Owns the run's TensorBoard logging; ``accelerator.end_training()`` closes it.
+
+    ``accelerator`` must have been created with ``log_with="tensorboard"``. Its logging folder
+    is set here, because the run directory is only named after the processes can talk to
+    each other (the main process's timestamp), that is after the Accelerator exists.
+    """
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, config_table: dict, resumed_at_step: int = 0):
+        self.accelerator = accelerator
+        accelerator.project_configuration.logging_dir = str(run_dir)
+        self.log_dir = run_dir / TRACKER_FOLDER
+        # A resumed run repeats the steps after its checkpoint, and a run started afresh all of
+        # them: purge_step makes TensorBoard drop what an earlier attempt logged for those
+        # steps, so each step keeps one value.
+        init_kwargs = {"tensorboard": {"purge_step": resumed_at_step + 1}}
+        accelerator.init_trackers(TRACKER_FOLDER, config=flatten_config(config_table), init_kwargs=init_kwargs)
+
+    def log_train_step(self, step: int, loss: float, lr: float, images_per_s: float | None, model) -> None:
+        """At a log step, after the optimizer step (its gradients are still in ``.grad``)."""
+        if not self.accelerator.is_main_process:
+            return
+        values = {"train/loss": loss, "train/lr": lr}
+        if images_per_s is not None:
+            values["train/images_per_s"] = images_per_s
+        norm = gradient_norm(model.parameters())
+        if norm is not None:
+            values["train/grad_norm"] = norm
+        values.update(peak_memory(self.accelerator.device))
+        self.accelerator.log(values, step=step)
+
+    def log_evaluation(self, record: dict) -> None:
+        """One ``metrics.jsonl`` record (see loop.run)."""
+        self.accelerator.log({
+            "val/loss": record["val_loss"], "val/acc1": record["val_acc1"], "val/acc5": record["val_acc5"],
+            "train/epoch_loss": record["train_loss"], "train/epoch": record["epoch"],
+            "time/epoch_s": record["epoch_time_s"], "time/train_s": record["train_time_s"],
+        }, step=record["step"])
