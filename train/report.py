@@ -9,7 +9,7 @@ to ``DIR`` (default ``report/``):
   the group's runs, followed by the four plots, which runs make each group, and the runs left out;
 - ``step_vs_acc1.png``, ``step_vs_acc5.png``, ``time_vs_acc1.png``, ``time_vs_acc5.png``:
   validation accuracy against optimizer steps and against training time, one line (the mean)
-  per group with a ±2σ band.
+  per group with a ±2σ band (drawn within 0-100%).
 
 σ is the sample standard deviation (``ddof=1``, n - 1 in the denominator): with the usual 3
 seeds the population formula would make the spread look 18% smaller (a factor sqrt(2/3)).
@@ -247,9 +247,9 @@ def write_plots(groups: list[Group], out: Path) -> list[Path]:
             many = len(x) > 30
             line, = axes.plot(x, c["mean"], marker=None if many else "o", markersize=3, linewidth=1.5,
                               label=f"{group.label}  (n={len(group.runs)})")
-            if len(group.runs) > 1:
-                axes.fill_between(x, c["mean"] - c["two_sd"], c["mean"] + c["two_sd"], color=line.get_color(),
-                                  alpha=0.2, linewidth=0)
+            if len(group.runs) > 1:  # clipped to what an accuracy can be
+                low, high = np.clip(c["mean"] - c["two_sd"], 0, 100), np.clip(c["mean"] + c["two_sd"], 0, 100)
+                axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         x_name = "Iterations (optimizer steps)" if x_kind == "step" else f"Training time ({unit}, evaluation excluded)"
         axes.set_xlabel(x_name)
         if x_kind == "step":
