@@ -28,6 +28,7 @@ from train.data.dali import build_pipeline
 
 GENERATOR_VERSION = 1
 CLASSES = 8
+SETTLE_SECONDS = 1.5
 
 
 def photo(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
@@ -63,7 +64,11 @@ def time_pass(batches, count: int) -> float:
         drawn += 1
         if drawn == count:
             break
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # DALI refills its prefetch queue after the last batch drawn; let it finish, so that it
+    # does not compete with the next measurement.
+    time.sleep(SETTLE_SECONDS)
+    return seconds
 
 
 def main() -> None:
@@ -86,21 +91,23 @@ def main() -> None:
                           dataloader=DataloaderConfig(name=name, num_data_workers=args.threads))
         return build_loaders(data, preprocess, args.batch, 1, 0, seed=0, pin_memory=False)
 
-    hf, dali = loaders("hf"), loaders("dali")
-    steps = dali.steps_per_epoch
+    def epoch_of(built, epoch):
+        built.set_epoch(epoch, 0)
+        return iter(built.train)
+
+    # Warm-up (worker start, first allocations, page cache). The HF loader's persistent
+    # workers are forked first, before any DALI thread exists.
+    hf = loaders("hf")
+    steps = hf.steps_per_epoch
+    time_pass(epoch_of(hf, 0), steps)
+    dali = loaders("dali")
+    time_pass(epoch_of(dali, 0), steps)
     bare = build_pipeline(dali.train.runner.spec)  # the trainer's operators, without the wrapper
 
     def bare_batches():
         while True:
             yield bare.run()
 
-    def epoch_of(built, epoch):
-        built.set_epoch(epoch, 0)
-        return iter(built.train)
-
-    # Warm-up: worker start, first allocations, page cache.
-    time_pass(epoch_of(hf, 0), steps)
-    time_pass(epoch_of(dali, 0), steps)
     time_pass(bare_batches(), steps)
     seconds = {"hf": [], "dali": [], "bare": []}
     for round_ in range(args.rounds):

@@ -9,7 +9,6 @@ apart after augmentation, and which images an epoch read can be checked exactly.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import torch
 from PIL import Image
 
 from helpers import make_image_folder
-from train.config import DataConfig, DataloaderConfig, PreprocessConfig
-from train.data import build_loaders
+import train.data
+from train.config import DataConfig, DataloaderConfig, PreprocessConfig, UserError
+from train.data import build_loaders, check_supported
 from train.data.convert import convert
 from train.data import dali
 from train.data.dali import DaliTrainLoader, FolderSource, PipelineSpec, define_pipeline
@@ -92,6 +92,16 @@ VAL_FIRST = 25  # val images are numbered from here
 
 
 # ------------------------------------------------------------------ what a batch holds
+
+
+def test_dali_is_supported_and_a_missing_install_is_explained(monkeypatch):
+    config = DataConfig(data_dir="data", dataloader=DataloaderConfig(name="dali"))
+    check_supported(config, "d.toml")
+    monkeypatch.setattr(train.data, "_dali_installed", lambda: False)
+    with pytest.raises(UserError, match="d.toml: .* needs NVIDIA DALI, which is not installed"):
+        check_supported(config, "d.toml")
+
+
 
 
 def test_batches_have_the_shapes_types_and_labels_the_loop_expects(dataset):
@@ -361,19 +371,27 @@ def test_missing_shard_index_is_a_one_line_error(shard_copy):
         loaders(shard_copy)
 
 
-@pytest.mark.parametrize("how", ["older than the archive", "offsets of another archive"])
+@pytest.mark.parametrize("how", ["archive replaced", "samples counted differently"])
 def test_stale_shard_index_is_a_one_line_error(shard_copy, how):
     tar = shard_copy / "train-00001.tar"
     index = index_path(tar)
-    if how == "older than the archive":
-        os.utime(index, ns=(tar.stat().st_mtime_ns - 10**9,) * 2)
-    else:
-        # The archive replaced by another with fewer samples (dates kept plausible): the
-        # index's last entry now points at the archive's end blocks.
+    if how == "archive replaced":
+        # Another archive with fewer samples: the index's last entry now points at its end blocks.
         tar.write_bytes((shard_copy / "val-00000.tar").read_bytes())
-        os.utime(tar, ns=(index.stat().st_mtime_ns - 10**9,) * 2)
+    else:
+        index.write_text(index.read_text().replace("v1.2 8", "v1.2 7", 1))
     with pytest.raises(DataError, match=f"{index} is stale.*python -m train.data.check"):
         loaders(shard_copy)
+
+
+def test_shards_copied_without_their_dates_still_load(shard_copy, tmp_path):
+    # cp -r without -p: each .idx is copied, and so dated, before its .tar.
+    import shutil
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    for path in sorted(shard_copy.iterdir()):
+        shutil.copyfile(path, copy / path.name)
+    assert sum(len(labels) for _, labels in loaders(copy).val) == 15
 
 
 def test_hf_loader_refuses_shards_with_a_clear_error(colour_shards):

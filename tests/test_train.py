@@ -152,4 +152,5 @@ def test_default_run_learns_the_builtin_data_set(tmp_path):
     records = read_metrics(run_dirs[0] / "metrics.jsonl")
     assert records[-1]["val_acc1"] >= 90 and records[-1]["val_samples"] == 500
     assert list((tmp_path / "cache").glob("imagenet-trainer/shapes-*/COMPLETE"))
-    assert "outputs:" in result.stdout
+    summary = result.stdout[result.stdout.index("finished:"):]
+    assert f"run          {run_dirs[0].resolve()}" in summary and "model        " in summary

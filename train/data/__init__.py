@@ -57,9 +57,16 @@ def check_supported(data: DataConfig, source: str) -> None:
     if name in PLANNED_LOADERS:
         raise UserError(f"{source}: data.dataloader.name = {name!r} is not yet supported; "
                         f"use --set data.dataloader.name=\"hf\" for now")
-    if name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+    if name == "dali" and not _dali_installed():
         raise UserError(f"{source}: data.dataloader.name = \"dali\" needs NVIDIA DALI, which is not installed "
                         "(pip install nvidia-dali-cuda120, Linux only); or use --set data.dataloader.name=\"hf\"")
+
+
+def _dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # not even the "nvidia" namespace package
+        return False
 
 
 def resolve_data_dir(data_dir: str) -> str:

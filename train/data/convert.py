@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +183,15 @@ def convert(src: Path, dst: Path, train_shards: int, val_shards: int | None, wor
     total = sum(len(shard) for _, _, shard in names)
     bar = tqdm(total=total, initial=total - sum(len(shard) for _, shard in pending), desc="packing shards",
                unit="img", dynamic_ncols=True, disable=not (progress and sys.stderr.isatty()))
-    if pending:
-        with ProcessPoolExecutor(max_workers=min(workers, len(pending))) as pool:
+    if workers == 1:
+        for name, shard in pending:
+            _, count, skipped = write_one_shard(str(dst), name, shard)
+            done[name] = {"samples": count, "skipped": skipped}
+            bar.update(len(shard))
+    elif pending:
+        # Spawned, not forked: a process that already runs threads (DALI's, a test's) can
+        # leave a forked child deadlocked on a lock held at the moment of the fork.
+        with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(write_one_shard, str(dst), name, shard): len(shard) for name, shard in pending}
             try:
                 for future in as_completed(futures):

@@ -225,11 +225,12 @@ def _data_error(exc: Exception, root: Path) -> DataError:
 
 
 def _dali_reason(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    skip = ("Critical error", "Error in ", "which was used", "File \"", "encountered:", "Current pipeline",
-            "C++ context", "jpegs", "img", "images", "encoded")
-    useful = [line for line in lines if not line.startswith(skip)]
-    return useful[0][:200] if useful else (lines[0][:200] if lines else type(text).__name__)
+    """The line of a DALI error that says what went wrong (DALI prefixes it with the
+    operator and the Python traceback where the pipeline was defined)."""
+    tail = text.rsplit("encountered:", 1)[-1]
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("C++ context", "Current pipeline", "Critical error"))]
+    return (useful or lines or [type(text).__name__])[0][:200]
 
 
 def _images_to_torch(images, pin_memory: bool) -> torch.Tensor:
@@ -245,17 +246,18 @@ def _images_to_torch(images, pin_memory: bool) -> torch.Tensor:
     return torch.from_dlpack(tensor)
 
 
-def _folder_labels(labels) -> torch.Tensor:
+def _folder_labels(labels, root: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(labels.as_tensor())).view(-1).long()
 
 
-def _shard_labels(labels) -> torch.Tensor:
+def _shard_labels(labels, root: Path) -> torch.Tensor:
     """Class indices from the ASCII digits of the ``.cls`` components."""
     values = []
     for i in range(len(labels)):
         text = np.array(labels[i]).tobytes().strip()
         if not text.isdigit():
-            raise DataError(f"a shard sample has class {text[:20]!r}, not a number; run {CHECK_COMMAND}")
+            raise DataError(f"a sample in the shards of {root} has class {text[:20]!r}, not a number; "
+                            f"run {CHECK_COMMAND} {root}")
         values.append(int(text))
     return torch.tensor(values, dtype=torch.int64)
 
@@ -282,7 +284,7 @@ class _Runner:
             images, labels = self.pipe.run()
         except RuntimeError as exc:
             raise _data_error(exc, self.spec.source.root) from None
-        return _images_to_torch(images, self.pin_memory), self.labels_to_torch(labels)
+        return _images_to_torch(images, self.pin_memory), self.labels_to_torch(labels, self.spec.source.root)
 
     def skip(self, batches: int) -> None:
         for _ in range(batches):

@@ -41,6 +41,7 @@ CACHE_HEADER = f"# imagenet-trainer image verification v{CACHE_VERSION}\n"
 DALI_FORMATS = frozenset({"JPEG", "PNG", "BMP", "TIFF", "PPM", "WEBP", "JPEG2000"})
 CHECK_COMMAND = "python -m train.data.check"
 VERIFY_BLOCK = 1024
+SAVE_EVERY_BLOCKS = 64  # the cache is rewritten every 65,536 files during a first pass
 
 
 @dataclass(frozen=True)
@@ -166,9 +167,7 @@ def verify_files(paths: Iterable[str], root: Path, cache_file: Path | None, work
     with cache.locked():
         entries = cache.load()  # again: another process may have verified the files meanwhile
         problems, todo = _consult(paths, entries if trust_cache else {}, cache)
-        found = _decode(todo, entries, workers, progress, on_start)
-        if todo:
-            cache.save(entries)
+        found = _decode(todo, entries, workers, progress, on_start, save=lambda: cache.save(entries))
     return _finish(paths, problems, found)
 
 
@@ -188,8 +187,11 @@ def _consult(paths: list[str], entries: dict, cache: VerificationCache | None):
     return problems, todo
 
 
-def _decode(todo: list, entries: dict, workers: int, progress: bool, on_start) -> dict[str, str]:
-    """Decode the files of ``todo``, record them in ``entries``; returns their problems."""
+def _decode(todo: list, entries: dict, workers: int, progress: bool, on_start, save=None) -> dict[str, str]:
+    """Decode the files of ``todo``, record them in ``entries``; returns their problems.
+
+    ``save()`` is called now and then and at the end, so an interrupted first pass over a
+    large data set keeps what it has done."""
     problems: dict[str, str] = {}
     if not todo:
         return problems
@@ -208,7 +210,11 @@ def _decode(todo: list, entries: dict, workers: int, progress: bool, on_start) -
                 if signature is not None:
                     entries[key] = (*signature, _clean(problem or ""))
             bar.update(len(block))
+            if save is not None and (start // VERIFY_BLOCK + 1) % SAVE_EVERY_BLOCKS == 0:
+                save()
     bar.close()
+    if save is not None:
+        save()
     return problems
 
 
