@@ -233,15 +233,30 @@ def test_exported_model_loads_through_timm_and_reproduces_the_accuracy(reference
     assert config["pretrained_cfg"]["crop_pct"] == pytest.approx(32 / 36)
     assert "val_acc1" not in (model_dir / "README.md").read_text() and "python -m train" in (model_dir / "README.md").read_text()
     model = timm.create_model(f"local-dir:{model_dir}", pretrained=True)
-    assert model.num_classes == 3 and model.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert model.num_classes == 3 and tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
 
     data = write(tmp_path / "data.toml", data_toml(tiny_folder))
     result = subprocess.run([sys.executable, "-m", "train.evaluate", str(model_dir), "--data-cfg", str(data),
-                             "--label-smoothing", "0.1"], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+                             "--label-smoothing", "0.1", "--batch-size", "8"], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     last = read_metrics(reference_run / "metrics.jsonl")[-1]
     assert f"top-1 {last['val_acc1']:.2f}%" in result.stdout and f"top-5 {last['val_acc5']:.2f}%" in result.stdout
     assert f"loss {last['val_loss']:.4f}" in result.stdout and "(15 images)" in result.stdout
+
+
+def test_evaluate_can_recalibrate_batchnorm_first(reference_run, tiny_folder, tmp_path):
+    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
+    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(reference_run / "model"), "--data-cfg",
+                             str(data), "--batch-size", "8", "--recalibrate-bn", "16"],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "recomputed over 16 training images" in result.stdout and "(15 images)" in result.stdout
+
+
+def test_evaluate_reports_a_missing_model_folder_in_one_line(tmp_path, tiny_folder):
+    from train.evaluate import main as evaluate_main
+    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
+    assert evaluate_main([str(tmp_path / "nothing"), "--data-cfg", str(data)]) == 2
 
 
 def test_export_command_turns_a_checkpoint_into_a_model_folder(reference_run, tmp_path):

@@ -190,6 +190,8 @@ class TrainConfig:
     use_amp: bool = True  # false forces fp32 whatever the launcher asks for
     channels_last: bool = True  # NHWC memory format for 4-D (convolutional) models
     compile: bool = False  # torch.compile the model
+    tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer GPUs)
+    cudnn_benchmark: bool = True  # let cuDNN time its kernels for the fixed input shapes
     # BatchNorm statistics over the global batch rather than each GPU's share (SyncBatchNorm),
     # for small per-GPU batches; costs a collective per BN layer. GPUs only.
     sync_bn: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import timm
 import torch
 from accelerate import Accelerator
 
+from .batchnorm import recompute_running_stats
 from .config import PreprocessConfig, UserError, load_data_config
 from .data import build_loaders, check_supported, resolve_data_dir
 from .loop import evaluate
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="for the reported loss")
+    parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                        help="first recompute BatchNorm statistics over N training images (train/ split)")
     args = parser.parse_args(argv)
     try:
         data = load_data_config(args.data_cfg, args.overrides)
@@ -72,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model = model.to(accelerator.device)
+    if args.recalibrate_bn > 0:
+        batches = itertools.islice(loaders.train_stats(), -(-args.recalibrate_bn // args.batch_size))
+        used = recompute_running_stats(model, (images.to(accelerator.device) for images, _ in batches),
+                                       lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
+        if accelerator.is_main_process:
+            print(f"BatchNorm statistics recomputed over {used * args.batch_size} training images")
     result = evaluate(model, loaders.val, accelerator, args.label_smoothing, data.num_classes, channels_last=False)
     if accelerator.is_main_process:
         print(f"top-1 {result['val_acc1']:.2f}%  top-5 {result['val_acc5']:.2f}%  loss {result['val_loss']:.4f}  "

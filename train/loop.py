@@ -61,8 +61,21 @@ def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: boo
     return "bf16" if cuda_capability and cuda_capability >= (8, 0) else "fp16"
 
 
+def set_backend_flags(train: TrainConfig, cuda: bool) -> None:
+    """Process-wide speed switches: TF32 matmuls/convolutions and cuDNN autotuning on GPUs;
+    on CPUs, flushing denormal floats to zero (tiny gradients late in training otherwise
+    make CPU kernels several times slower)."""
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = train.tf32
+        torch.backends.cudnn.allow_tf32 = train.tf32
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    else:
+        torch.set_flush_denormal(True)
+
+
 def make_accelerator(train: TrainConfig, options: RunOptions) -> Accelerator:
     cuda = torch.cuda.is_available()
+    set_backend_flags(train, cuda)
     capability = torch.cuda.get_device_capability() if cuda else None
     mixed = choose_mixed_precision(train.use_amp, options.launcher_mixed_precision, cuda, capability)
     # cpu=True without CUDA: a 2-process CPU launch then forms a real gloo process group
@@ -233,6 +246,7 @@ def run(config: Config, options: RunOptions) -> dict:
     accelerator = make_accelerator(train, options)
     run_dir = resolve_run_dir(accelerator, options)
     config_table = to_dict(config)
+    setup_logging(None, accelerator.is_main_process)  # the console, until train.log is decided on
     # Every process reads the same files and reaches the same decision (or the same error).
     resume_from = checkpoint.choose_resume_point(run_dir, config_table, options.resume)
     accelerator.wait_for_everyone()
@@ -285,7 +299,8 @@ def run(config: Config, options: RunOptions) -> dict:
     def save_checkpoint(state: EpochState) -> None:
         if loaders.state_dict is not None:
             state.loader_state = loaders.state_dict()
-        path = checkpoint.save(accelerator, run_dir, trainer, state, scheduler, train.log.keep_last)
+        with eval_weights(optimizer):  # Schedule-Free saves its averaged weights, as its package asks
+            path = checkpoint.save(accelerator, run_dir, trainer, state, scheduler, train.log.keep_last)
         policy.saved()
         LOG.info(f"checkpoint: {path}")
 
