@@ -28,10 +28,10 @@ def without_timing(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
-def configs(tmp_path, folder, **train_overrides) -> list[str]:
+def configs(tmp_path, folder, loader="hf", **train_overrides) -> list[str]:
     values = {"max_epochs": 4, "lr": 0.02}
     values.update(train_overrides)
-    data = write(tmp_path / "data.toml", data_toml(folder))
+    data = write(tmp_path / "data.toml", data_toml(folder).replace('name = "hf"', f'name = "{loader}"'))
     train = write(tmp_path / "train.toml", tiny_train_toml(**values) + "checkpoint_every_steps = 2\n")
     return ["--data-cfg", str(data), "--train-cfg", str(train)]
 
@@ -49,22 +49,27 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None
         time.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_folder, tmp_path_factory):
-    """An uninterrupted run: 4 epochs of 3 steps, a checkpoint every 2 steps."""
-    tmp = tmp_path_factory.mktemp("reference")
-    args = configs(tmp, tiny_folder) + ["--output-dir", str(tmp / "out")]
+def uninterrupted_run(folder, tmp: Path, loader: str) -> Path:
+    """4 epochs of 3 steps, a checkpoint every 2 steps."""
+    args = configs(tmp, folder, loader) + ["--output-dir", str(tmp / "out")]
     result = run_train(args)
     assert result.returncode == 0, result.stderr
     return tmp / "out"
 
 
+@pytest.fixture(scope="module")
+def reference_run(tiny_folder, tmp_path_factory):
+    return uninterrupted_run(tiny_folder, tmp_path_factory.mktemp("reference"), "hf")
+
+
 # ------------------------------------------------------------------------ exact resume
 
 
-def test_sigkill_mid_epoch_then_rerun_gives_the_same_metrics(reference_run, tiny_folder, tmp_path):
+@pytest.mark.parametrize("loader", ["hf", "dali"])
+def test_sigkill_mid_epoch_then_rerun_gives_the_same_metrics(loader, reference_run, tiny_folder, tmp_path):
+    reference = reference_run if loader == "hf" else uninterrupted_run(tiny_folder, tmp_path / "reference", loader)
     out = tmp_path / "out"
-    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(out)]
+    args = configs(tmp_path, tiny_folder, loader) + ["--output-dir", str(out)]
     process = start_train(args)
     # Step 4 is the first step of epoch 2: the kill lands in the middle of an epoch.
     wait_for(lambda: (out / "checkpoints" / "00000004" / ckpt.MANIFEST).exists(), process)
@@ -77,7 +82,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_same_metrics(reference_run, tiny
     result = run_train(args)  # the same command again
     assert result.returncode == 0, result.stderr
     assert f"resumed from {newest}" in result.stdout
-    assert without_timing(read_metrics(out / "metrics.jsonl")) == without_timing(read_metrics(reference_run / "metrics.jsonl"))
+    assert without_timing(read_metrics(out / "metrics.jsonl")) == without_timing(read_metrics(reference / "metrics.jsonl"))
 
 
 def test_kills_at_random_moments_never_leave_a_damaged_checkpoint(tiny_folder, tmp_path):
