@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, UserError
+from . import checkpoint as ckpt
+from .config import Config, UserError, load_config_text
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .models import model_args, resolve_arch
+from .models import build_model, model_args, resolve_arch
 
 WEIGHTS = "model.safetensors"
 
@@ -114,10 +115,6 @@ def unwrapped_names(state: dict) -> dict:
 
 def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     """Export the model weights stored in a training checkpoint."""
-    from . import checkpoint as ckpt
-    from .config import load_config_text
-    from .models import build_model
-
     problem = ckpt.checkpoint_problem(checkpoint)
     if problem:
         raise UserError(f"{checkpoint}: not a usable checkpoint ({problem})")
