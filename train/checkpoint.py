@@ -52,6 +52,9 @@ class TrainerState:
     train_time_s: float = 0.0  # training time before the current epoch
     metrics: list[dict] = field(default_factory=list)  # every evaluation record so far
     class_names: list[str] = field(default_factory=list)  # class index -> folder name, for exports
+    # class index -> readable name (classes.tsv), for exports; empty when unknown, and in
+    # checkpoints written before it was recorded.
+    class_descriptions: list[str] = field(default_factory=list)
 
 
 @dataclass

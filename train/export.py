@@ -29,7 +29,12 @@ from .models import build_model, model_args, resolve_arch
 WEIGHTS = "model.safetensors"
 
 
-def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, ...]) -> dict:
+def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, ...],
+                class_descriptions: tuple[str, ...] = ()) -> dict:
+    """timm's config.json. Labels follow timm's convention: ``label_names`` per class index
+    (the folder names, WordNet ids for ImageNet) and, when the data set has a class table,
+    ``label_descriptions`` mapping each name to readable words; timm moves both into
+    ``model.pretrained_cfg``."""
     p = config.train.preprocess
     arch = resolve_arch(config.train.arch)
     return {
@@ -37,6 +42,7 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
         "num_classes": config.data.num_classes,
         "num_features": getattr(model, "num_features", None),
         "label_names": list(class_names),
+        **({"label_descriptions": dict(zip(class_names, class_descriptions))} if class_descriptions else {}),
         "model_args": model_args(arch, p.train_crop_size, p.val_crop_size),
         "pretrained_cfg": {
             "input_size": [3, p.val_crop_size, p.val_crop_size],
@@ -52,7 +58,7 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
     }
 
 
-def model_card(config: Config, metrics: list[dict], command: str) -> str:
+def model_card(config: Config, metrics: list[dict], command: str, described: bool = False) -> str:
     t = config.train
     last = metrics[-1] if metrics else {}
     lines = [
@@ -81,21 +87,25 @@ def model_card(config: Config, metrics: list[dict], command: str) -> str:
     else:
         lines.append("No evaluation recorded.")
     lines += ["", "## Usage", "", "```python", "import timm",
-              'model = timm.create_model("local-dir:<this folder>", pretrained=True)  # or hf-hub:<repo id>', "```",
-              "", "## Produced by", "", "```", command, "```", ""]
+              'model = timm.create_model("local-dir:<this folder>", pretrained=True)  # or hf-hub:<repo id>', "```"]
+    if described:
+        lines += ["", "`model.pretrained_cfg[\"label_names\"]` holds the class folder names by output index, and "
+                  "`label_descriptions` their readable names, from the data set's class table (`classes.tsv`)."]
+    lines += ["", "## Produced by", "", "```", command, "```", ""]
     return "\n".join(lines)
 
 
 def write_model_folder(out_dir: Path, model: torch.nn.Module, config: Config, class_names: tuple[str, ...],
-                       metrics: list[dict], command: str) -> Path:
+                       metrics: list[dict], command: str, class_descriptions: tuple[str, ...] = ()) -> Path:
     """Write the folder next to ``out_dir`` and swap it in, so an old export is never half-replaced."""
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     save_file(state, str(staging / WEIGHTS), metadata={"format": "pt"})
-    (staging / "config.json").write_text(json.dumps(timm_config(config, model, class_names), indent=2))
-    (staging / "README.md").write_text(model_card(config, metrics, command))
+    (staging / "config.json").write_text(json.dumps(timm_config(config, model, class_names, class_descriptions),
+                                                    indent=2))
+    (staging / "README.md").write_text(model_card(config, metrics, command, described=bool(class_descriptions)))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
@@ -125,7 +135,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     model.load_state_dict(unwrapped_names(load_file(str(checkpoint / WEIGHTS))))
     class_names = tuple(trainer.class_names) if trainer.class_names else tuple(str(i) for i in range(config.data.num_classes))
     return write_model_folder(out_dir, model, config, class_names, trainer.metrics,
-                              f"python -m train.export {checkpoint}")
+                              f"python -m train.export {checkpoint}", tuple(trainer.class_descriptions))
 
 
 def main(argv: list[str] | None = None) -> int:

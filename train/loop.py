@@ -280,7 +280,8 @@ def run(config: Config, options: RunOptions) -> dict:
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
     train_step = build_train_step(train.optim, model, optimizer, criterion, accelerator, train.grad_clip_norm)
 
-    trainer, epoch_state = TrainerState(class_names=list(loaders.class_names)), EpochState()
+    trainer = TrainerState(class_names=list(loaders.class_names), class_descriptions=list(loaders.class_descriptions))
+    epoch_state = EpochState()
     if resume_from is not None:
         trainer, epoch_state = checkpoint.load(accelerator, resume_from, scheduler)
         if accelerator.is_main_process:
@@ -353,7 +354,8 @@ def run(config: Config, options: RunOptions) -> dict:
     record = trainer.metrics[-1] if trainer.metrics else {}
     if accelerator.is_main_process and record:
         model_dir = write_model_folder(run_dir / "model", accelerator.unwrap_model(model), config,
-                                       tuple(trainer.class_names), trainer.metrics, options.command)
+                                       tuple(trainer.class_names), trainer.metrics, options.command,
+                                       tuple(trainer.class_descriptions))
         LOG.info(run_summary(record, trainer.metrics, train.max_epochs, run_dir, checkpoint.list_checkpoints(run_dir),
                              model_dir, tracker.log_dir))
     accelerator.wait_for_everyone()

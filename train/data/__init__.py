@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 from ..config import DataConfig, PreprocessConfig, UserError
 from . import hf
 from .builtin import ensure_builtin_dataset
+from .classes import class_descriptions
 from .folder import DataError, scan_image_folder
 from .sampling import EvalBatchSampler, ShardedBatchSampler
 from .shards import is_shard_set
@@ -46,6 +47,9 @@ class Loaders:
     # A new stream of training batches (training preprocessing, this process's shard) that
     # leaves `train`'s position alone: BatchNorm statistics are recomputed from it mid-run.
     train_stats: Callable[[], Iterable] | None = None
+    # Readable name per class index (a folder's classes.tsv, or a shard manifest's copy of
+    # it), for exported models; () when unknown or when class_names are readable already.
+    class_descriptions: tuple[str, ...] = ()
 
 
 def check_supported(data: DataConfig, source: str) -> None:
@@ -85,12 +89,15 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
         raise DataError(f"data.data_dir: {data.data_dir} holds WebDataset shards, which only "
                         "data.dataloader.name = \"dali\" reads")
     if data.data_dir.startswith(HUB_PREFIX):
+        # A Hub data set's ClassLabel names are readable already: they are the labels.
         train_table, val_table, class_names = hf.hub_tables(data.data_dir[len(HUB_PREFIX):], data)
+        descriptions: tuple[str, ...] = ()
         image_column, label_column = loader_cfg.image_column, loader_cfg.label_column
     else:
         train_split, val_split = scan_image_folder(Path(data.data_dir), data.num_classes)
-        train_table, val_table = hf.folder_table(train_split), hf.folder_table(val_split)
         class_names = train_split.class_names
+        descriptions = class_descriptions(Path(data.data_dir), class_names)
+        train_table, val_table = hf.folder_table(train_split), hf.folder_table(val_split)
         image_column, label_column = "image", "label"
     train_set, val_set = hf.make_datasets(train_table, val_table, image_column, label_column, preprocess, seed)
 
@@ -112,6 +119,7 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
         train_stats=lambda: hf.make_loader(
             train_set, ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed), workers,
             pin_memory),
+        class_descriptions=descriptions,
     )
 
 
@@ -120,7 +128,7 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
     from . import dali  # imported when chosen: DALI is large, and Linux-only
 
     loader_cfg = data.dataloader
-    train_source, val_source, class_names = dali.open_sources(Path(data.data_dir), data.num_classes)
+    train_source, val_source, class_names, descriptions = dali.open_sources(Path(data.data_dir), data.num_classes)
     global_batch = per_process_batch * num_processes
     if len(train_source) < global_batch:
         raise DataError(f"data.data_dir: {len(train_source)} training images are fewer than one global batch "
@@ -139,4 +147,5 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
         state_dict=train.state_dict,
         load_state_dict=train.load_state_dict,
         train_stats=train.fresh_copy,
+        class_descriptions=descriptions,
     )

@@ -4,8 +4,9 @@
 
 SRC holds ``train/<class>/*`` and ``val/<class>/*``. DST receives ``train-NNNNN.tar`` and
 ``val-NNNNN.tar``, each with its DALI index (``.idx``), and ``manifest.json`` (class names,
-samples per shard, skipped files). The samples of a split are spread over its shards in a
-seeded random order, so reading shards sequentially already mixes the classes.
+their readable names when SRC has a ``classes.tsv``, samples per shard, skipped files). The
+samples of a split are spread over its shards in a seeded random order, so reading shards
+sequentially already mixes the classes.
 
 Every image is decoded as it is packed; the ones that cannot be are left out and listed (in
 the manifest too), and the command then exits with status 1. Shards are written by parallel
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import UserError
+from .classes import class_descriptions
 from .folder import DataError, FolderSplit, scan_image_folder, scan_split
 from .shards import (MANIFEST, MANIFEST_VERSION, SPLITS, check_index, index_path, sample_key, shard_name,
                      write_shard)
@@ -107,6 +109,14 @@ def _write_json(path: Path, value) -> None:
     os.replace(staging, path)
 
 
+def _set_descriptions(manifest: dict, descriptions: tuple[str, ...]) -> None:
+    """Record the readable class names, parallel to ``class_names``; no key when unknown."""
+    if descriptions:
+        manifest["class_descriptions"] = list(descriptions)
+    else:
+        manifest.pop("class_descriptions", None)
+
+
 def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -158,6 +168,7 @@ def convert(src: Path, dst: Path, train_shards: int, val_shards: int | None, wor
     for split, files, count in (("train", train, train_shards), ("val", val, val_shards)):
         if count > len(files):
             raise UserError(f"{count} {split} shards for {len(files)} {split} images: ask for fewer shards")
+    descriptions = class_descriptions(src, train.class_names)  # before packing: a bad table stops here
     plan = plan_shards(train, val, train_shards, val_shards, seed)
     digest = plan_digest(plan, train.class_names, src)
 
@@ -169,6 +180,11 @@ def convert(src: Path, dst: Path, train_shards: int, val_shards: int | None, wor
         raise UserError(f"{dst} holds shards of another conversion (other files, seed or shard counts); "
                         "choose an empty folder")
     if manifest is not None:
+        # Finished already; a class table written since (by train.data.prepare) is taken
+        # over without packing the images again.
+        if manifest.get("class_descriptions", []) != list(descriptions):
+            _set_descriptions(manifest, descriptions)
+            _write_json(dst / MANIFEST, manifest)
         return manifest
     marker.write_text(digest + "\n", encoding="utf-8")
 
@@ -214,6 +230,7 @@ def convert(src: Path, dst: Path, train_shards: int, val_shards: int | None, wor
         "samples": {split: sum(done[name]["samples"] for s, name, _ in names if s == split) for split in SPLITS},
         "skipped": [{"path": path, "reason": reason} for _, name, _ in names for path, reason in done[name]["skipped"]],
     }
+    _set_descriptions(manifest, descriptions)
     _write_json(dst / MANIFEST, manifest)
     marker.unlink()
     return manifest

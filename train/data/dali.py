@@ -33,6 +33,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from ..config import PreprocessConfig
+from .classes import class_descriptions
 from .folder import DataError, scan_image_folder
 from .shards import is_shard_set, open_shard_set
 from .transforms import CROP_AREA, CROP_ASPECT, IMAGENET_MEAN, IMAGENET_STD
@@ -82,8 +83,9 @@ class ShardSource:
 
 
 def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSource, FolderSource | ShardSource,
-                                                         tuple[str, ...]]:
-    """The train and val sources of ``root`` (shards or a folder) and the class names.
+                                                         tuple[str, ...], tuple[str, ...]]:
+    """The train and val sources of ``root`` (shards or a folder), the class names, and
+    their readable names (from the manifest or the folder's class table; () when unknown).
 
     A folder's files are verified first (once; the results are cached), since DALI may
     crash the process on a damaged file instead of naming it.
@@ -93,8 +95,9 @@ def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSour
         train, val = (ShardSource(root, tuple(str(s.tar) for s in shard_set.split(split)),
                                   tuple(str(s.index) for s in shard_set.split(split)), shard_set.num_samples(split))
                       for split in ("train", "val"))
-        return train, val, shard_set.class_names
+        return train, val, shard_set.class_names, shard_set.class_descriptions
     train_split, val_split = scan_image_folder(root, num_classes)
+    descriptions = class_descriptions(root, train_split.class_names)  # a bad table stops before verifying
     paths = train_split.paths + val_split.paths
 
     def announce(count: int) -> None:
@@ -104,7 +107,7 @@ def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSour
     if problems:
         raise DataError(describe_problems(problems, root))
     return (FolderSource(root, train_split.paths, train_split.labels),
-            FolderSource(root, val_split.paths, val_split.labels), train_split.class_names)
+            FolderSource(root, val_split.paths, val_split.labels), train_split.class_names, descriptions)
 
 
 def _read(source, training: bool, shard_id: int, num_shards: int, seed: int):

@@ -6,6 +6,7 @@ among the sorted folder names) is the same whichever loader serves it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ from pathlib import Path
 from ..config import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+# Written by python -m train.data.prepare into the folder it fills; "complete" turns true
+# only after the finished layout has been checked.
+PREPARE_STATE = ".prepare.json"
 
 
 class DataError(UserError):
@@ -61,11 +65,25 @@ def scan_split(data_dir: Path, split: str) -> FolderSplit:
     return FolderSplit(split_dir, tuple(class_names), tuple(paths), tuple(labels))
 
 
+def preparation_finished(data_dir: Path) -> bool:
+    """False while the prepare command is still (or was last) filling the folder."""
+    state = data_dir / PREPARE_STATE
+    if not state.is_file():
+        return True  # not made by the prepare command: nothing to say
+    try:
+        return bool(json.loads(state.read_text(encoding="utf-8")).get("complete"))
+    except (ValueError, AttributeError):
+        return False
+
+
 def scan_image_folder(data_dir: str | Path, num_classes: int) -> tuple[FolderSplit, FolderSplit]:
     """The train and val file lists of an ImageNet-layout folder, checked for consistency."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data.data_dir: folder {data_dir} does not exist")
+    if not preparation_finished(data_dir):
+        raise DataError(f"data.data_dir: {data_dir} is not ready: python -m train.data.prepare has not "
+                        "finished filling it; re-run that command to complete it")
     train, val = scan_split(data_dir, "train"), scan_split(data_dir, "val")
     if train.class_names != val.class_names:
         only_train = sorted(set(train.class_names) - set(val.class_names))

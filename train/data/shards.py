@@ -4,8 +4,9 @@ A shard holds one ``<key>.jpg`` (the original file's bytes, whatever its format)
 ``<key>.cls`` (the class index as ASCII digits, the WebDataset convention) per sample. Next to
 each ``.tar`` lies its ``.idx``, the index DALI's webdataset reader needs to find samples
 without scanning the archive at every start. ``manifest.json`` records the class names, so the
-class index of a sample means the same as in the folder it was converted from, and the sample
-count of every shard.
+class index of a sample means the same as in the folder it was converted from, their readable
+names when the folder had a class table (``class_descriptions``, absent otherwise), and the
+sample count of every shard.
 
 Shards made by other tools work too: without a manifest the classes are named "0", "1", ...
 and the counts are read from the index files.
@@ -127,6 +128,8 @@ class ShardSet:
     class_names: tuple[str, ...]
     train: tuple[Shard, ...]
     val: tuple[Shard, ...]
+    # Readable name per class (from the source folder's class table); () when unknown.
+    class_descriptions: tuple[str, ...] = ()
 
     def split(self, name: str) -> tuple[Shard, ...]:
         return self.train if name == "train" else self.val
@@ -216,11 +219,13 @@ def open_shard_set(root: str | Path, num_classes: int) -> ShardSet:
     """The shards of ``root``, every index checked against its archive."""
     root = Path(root)
     manifest = read_manifest(root)
+    descriptions: tuple[str, ...] = ()
     if manifest is not None:
         class_names = tuple(manifest["class_names"])
         if len(class_names) != num_classes:
             raise DataError(f"data.num_classes = {num_classes} but {root / MANIFEST} lists {len(class_names)} "
                             "classes; set data.num_classes to match")
+        descriptions = _manifest_descriptions(manifest, root)
     else:
         class_names = tuple(str(i) for i in range(num_classes))
     splits = {}
@@ -240,7 +245,18 @@ def open_shard_set(root: str | Path, num_classes: int) -> ShardSet:
             count = check_index(tar, index_path(tar), listed.get(tar.name))
             shards.append(Shard(tar, index_path(tar), count))
         splits[split] = tuple(shards)
-    return ShardSet(root, class_names, splits["train"], splits["val"])
+    return ShardSet(root, class_names, splits["train"], splits["val"], descriptions)
+
+
+def _manifest_descriptions(manifest: dict, root: Path) -> tuple[str, ...]:
+    """The manifest's readable class names, parallel to its class names; () in manifests
+    written before they were recorded, or from a folder without a class table."""
+    descriptions = manifest.get("class_descriptions", [])
+    if not (isinstance(descriptions, list) and all(isinstance(d, str) for d in descriptions)
+            and len(descriptions) in (0, len(manifest["class_names"]))):
+        raise DataError(f"{root / MANIFEST}: class_descriptions must be a list of {len(manifest['class_names'])} "
+                        "strings, one per class; convert the folder again with python -m train.data.convert")
+    return tuple(descriptions)
 
 
 def iter_shard_samples(shard: Shard):
