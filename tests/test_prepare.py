@@ -42,18 +42,19 @@ def prepare(*args) -> int:
 def assert_layout(out: Path, downloads) -> None:
     """Every training image in its class folder, every validation image in the class the
     ground truth gives it, byte for byte; nothing else."""
-    for wnid in WNIDS:
+    wnids = sorted(downloads.train_images)
+    for wnid in wnids:
         folder = out / "train" / wnid
         assert sorted(os.listdir(folder)) == sorted(downloads.train_images[wnid])
         for name, data in downloads.train_images[wnid].items():
             assert (folder / name).read_bytes() == data
     placed = {}
-    for wnid in WNIDS:
+    for wnid in wnids:
         for name in os.listdir(out / "val" / wnid):
             placed[name] = wnid
             assert (out / "val" / wnid / name).read_bytes() == downloads.val_images[name]
     assert placed == {name: downloads.val_wnid(name) for name in downloads.val_images}
-    assert sorted(p.name for p in (out / "train").iterdir()) == WNIDS
+    assert sorted(p.name for p in (out / "train").iterdir()) == wnids
 
 
 def state(out: Path) -> dict:
@@ -344,9 +345,64 @@ def test_check_reports_what_a_hand_made_layout_lacks(downloads, tmp_path, capsys
     assert f"{out / 'val' / 'n01440764'}: 1 images, expected 2" in printed
     assert "holds folders that are not devkit classes (n09999999)" in printed
 
+    # A layout made by other means has no dev/ folder: the devkit is given explicitly.
+    hand_made = tmp_path / "hand-made"
+    hand_made.mkdir()
+    (out / "train").rename(hand_made / "train")
+    assert main(["check", str(hand_made)]) == EXIT_USER_ERROR
+    assert "has no dev/ILSVRC2012_devkit_t12 to count against; pass --devkit" in one_error_line(capsys)
+    assert main(["check", str(hand_made), "--devkit", str(downloads.devkit)]) == EXIT_INCOMPLETE
+    assert f"{hand_made / 'val'}: no such folder" in capsys.readouterr().out
+
 
 def test_command_line_exit_status_and_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "train.data.prepare", "archives", str(tmp_path / "none"),
                              "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.strip() == f"error: {tmp_path / 'none'}: no such folder"
+
+
+def test_real_ctrl_c_and_sigkill_of_the_command_then_resume(tmp_path):
+    """The command as a process: SIGINT mid-extraction exits 130 with the resume hint, SIGKILL
+    leaves no class half-written under its final name, and the next run completes the layout."""
+    import random
+    import signal
+    import time
+
+    classes = [(f"n{20_000_000 + i:08d}", f"class {i}", i + 1, 12) for i in range(120)]
+    val_ids = [i % len(classes) + 1 for i in range(240)]
+    random.Random(1).shuffle(val_ids)
+    downloads = make_downloads(tmp_path / "downloads", classes=classes, val_ids=val_ids,
+                               image=lambda rng: rng.randbytes(40_000))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "train.data.prepare", "archives", str(downloads.folder), "--output", str(out),
+               "--workers", "1"]
+
+    def start_and_signal(sig) -> subprocess.CompletedProcess:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            train = out / "train"
+            if train.is_dir() and sum(1 for p in train.iterdir() if not p.name.startswith(".")) >= 3:
+                break
+            time.sleep(0.002)
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=120)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    interrupted = start_and_signal(signal.SIGINT)
+    assert interrupted.returncode == EXIT_INTERRUPTED, interrupted.stderr
+    assert "re-run the same command to resume" in interrupted.stderr
+    assert state(out)["complete"] is False
+
+    killed = start_and_signal(signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert state(out)["complete"] is False
+    for folder in (out / "train").iterdir():  # every class under its final name is whole
+        if not folder.name.startswith("."):
+            assert len(os.listdir(folder)) == 12, folder
+
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert state(out)["complete"] is True
+    assert_layout(out, downloads)

@@ -90,6 +90,9 @@ def run_check(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise UserError(f"{args.folder}: no such folder")
     devkit_source = args.devkit or args.folder / "dev" / DEVKIT_FOLDER
+    if args.devkit is None and not devkit_source.exists():
+        raise UserError(f"{args.folder} has no dev/{DEVKIT_FOLDER} to count against; pass --devkit "
+                        "ILSVRC2012_devkit_t12.tar.gz (or its unpacked folder)")
     report = check_layout(args.folder, read_devkit(devkit_source))
     print(report.summary())
     if not report.complete:
