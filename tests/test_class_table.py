@@ -120,6 +120,28 @@ def test_checkpoints_written_before_descriptions_still_load_and_export_without_t
     assert old.class_names == WNIDS and old.class_descriptions == []
 
 
+def test_resuming_an_older_checkpoint_exports_the_current_table(described_run, described_folder, tmp_path):
+    """A checkpoint from before class tables (no class_descriptions) resumed on a folder that
+    has one: the final export takes the folder's names."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(described_run, run)
+    shutil.rmtree(run / "model")
+    last = ckpt.list_checkpoints(run)[-1]
+    state = json.loads((last / ckpt.TRAINER_STATE).read_text())
+    del state["class_descriptions"]
+    (last / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    ckpt.write_manifest(last)  # an intact older checkpoint, not a damaged one
+    data = write(tmp_path / "data.toml", data_toml(described_folder))
+    train = write(tmp_path / "train.toml", tiny_train_toml())
+    result = run_train(["--data-cfg", str(data), "--train-cfg", str(train), "--output-dir", str(run),
+                        "--set", "train.max_epochs=2"])
+    assert result.returncode == 0, result.stderr
+    assert f"resumed from {last}" in result.stderr + result.stdout
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["label_descriptions"] == dict(zip(WNIDS, NAMES))
+
+
 def test_a_data_set_without_a_table_exports_no_descriptions(described_run, tmp_path):
     from train.config import load_config_text
     from train.export import timm_config

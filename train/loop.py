@@ -284,6 +284,10 @@ def run(config: Config, options: RunOptions) -> dict:
     epoch_state = EpochState()
     if resume_from is not None:
         trainer, epoch_state = checkpoint.load(accelerator, resume_from, scheduler)
+        if trainer.class_names == list(loaders.class_names):
+            # The data's class table may be newer than the checkpoint (or the checkpoint older
+            # than class tables): exports use the current one.
+            trainer = dataclasses.replace(trainer, class_descriptions=list(loaders.class_descriptions))
         if accelerator.is_main_process:
             metrics_log.rewrite(trainer.metrics)  # drop records written after that checkpoint
         LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
