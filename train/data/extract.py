@@ -183,7 +183,9 @@ def place_val_images(items: list[ValItem], dest_root: Path, link: bool) -> Resul
             folder.mkdir(exist_ok=True)
             staging = folder / f".{item.name}.tmp"
             if item.in_tar:
-                tar = open_tars.get(item.source) or open_tars.setdefault(item.source, open(item.source, "rb"))
+                if item.source not in open_tars:
+                    open_tars[item.source] = open(item.source, "rb")
+                tar = open_tars[item.source]
                 tar.seek(item.offset)
                 data = tar.read(item.size)
                 if len(data) != item.size:

@@ -308,7 +308,7 @@ def _check_output(out: Path, sources: Sources, devkit: Devkit, link: bool) -> No
                            f"{'with' if state.get('link') else 'without'} it, or remove the folder")
 
 
-def _finished(job: ClassJob, train_root: Path, link: bool) -> bool:
+def _finished(job: ClassJob, train_root: Path) -> bool:
     """Whether an earlier run completed this class; a class that does not count up is removed."""
     final = train_root / job.wnid
     if not (final.exists() or final.is_symlink()):
@@ -317,10 +317,7 @@ def _finished(job: ClassJob, train_root: Path, link: bool) -> bool:
         return True
     print(f"note: {final} is incomplete ({count_images(final) if final.is_dir() else 0} of {job.expected} "
           "images); preparing it again", flush=True)
-    if final.is_symlink():
-        final.unlink()
-    else:
-        shutil.rmtree(final)
+    _remove(final)
     return False
 
 
@@ -343,30 +340,35 @@ def _placed(item: ValItem, out: Path) -> bool:
     return final.is_file() and not final.is_symlink() and final.stat().st_size == item.size
 
 
+def _remove(path: Path) -> None:
+    """A symlink, file or folder tree left by an earlier run."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def _copy_devkit(source: Path, out: Path, link: bool) -> None:
+    """``dev/ILSVRC2012_devkit_t12``: unpacked from the archive, or copied (linked) from a folder."""
     dest = out / "dev" / DEVKIT_FOLDER
     if (dest / META).is_file():
-        return
+        return  # done by an earlier run
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_symlink() or dest.exists():
-        dest.unlink() if dest.is_symlink() else shutil.rmtree(dest)
-    folder = source / DEVKIT_FOLDER if (source / DEVKIT_FOLDER).is_dir() else source
-    if source.is_dir() and link:
-        os.symlink(folder.resolve(), dest, target_is_directory=True)
-        return
-    staging = dest.parent / f".{DEVKIT_FOLDER}.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
+    _remove(dest)
     if source.is_dir():
-        shutil.copytree(folder, staging, symlinks=True)
+        folder = source / DEVKIT_FOLDER if (source / DEVKIT_FOLDER).is_dir() else source
+        if link:
+            os.symlink(folder.resolve(), dest, target_is_directory=True)
+            return
+    staging = dest.parent / f".{DEVKIT_FOLDER}.partial"
+    _remove(staging)
+    if source.is_dir():
+        shutil.copytree(folder, staging / DEVKIT_FOLDER, symlinks=True)
     else:
-        staging.mkdir()
         with tarfile.open(source, "r:*") as tar:
             tar.extractall(staging, filter="data")  # refuses absolute paths and ".." in member names
-        (staging / DEVKIT_FOLDER).rename(dest)
-        shutil.rmtree(staging)
-        return
-    staging.rename(dest)
+    (staging / DEVKIT_FOLDER).rename(dest)
+    shutil.rmtree(staging)
 
 
 def prepare_from_sources(sources: Sources, out: Path, link: bool, workers: int) -> LayoutReport:
@@ -385,7 +387,7 @@ def prepare_from_sources(sources: Sources, out: Path, link: bool, workers: int) 
     _check_output(out, sources, devkit, link)
 
     train_root = out / "train"
-    pending = [job for job in jobs if not _finished(job, train_root, link)] if train_root.is_dir() else jobs
+    pending = [job for job in jobs if not _finished(job, train_root)] if train_root.is_dir() else jobs
     needed = _needed_bytes(pending, val_items, link, out)
     free = _free_bytes(out)
     if needed * 1.02 > free:
