@@ -5,14 +5,16 @@ Run once per node, inside ``srun`` with one task per node (``launch/slurm_job.sh
 this), or once on a workstation with ``--local`` (``launch/local.sh``)::
 
     python launch/node_launcher.py [--local] [--config-dir DIR] [--mixed-precision bf16|fp16|no] \
-        -- --data-cfg D.toml --train-cfg T.toml --output-dir DIR [--set k=v ...]
+        [--cpu-processes N] -- --data-cfg D.toml --train-cfg T.toml --output-dir DIR [--set k=v ...]
 
 Each node decides for itself, from its own environment: how many machines there are and
 which one it is (SLURM_NNODES, SLURM_NODEID), the head node (the first host of
 SLURM_JOB_NODELIST), a rendezvous port derived from SLURM_JOB_ID (so two jobs sharing a
 node do not collide), one process per GPU, and the mixed precision from the GPUs' compute
 capability: bf16 from 8.0 (Ampere) on, fp16 below. ``torch.cuda.is_bf16_supported()`` is
-not used for this: it answers yes on V100 and T4, which have no bf16 units.
+not used for this: it answers yes on V100 and T4, which have no bf16 units. With
+``--cpu-processes N`` (the CPU profiles, launch/1xCPU.sh and 2xCPU.sh) the node runs N
+processes on its CPUs instead (fp32 unless --mixed-precision) and looks for no GPUs.
 
 It then runs ``accelerate launch`` with the written config and stays alive beside it for two
 reasons. Stop signals (SIGUSR1, SIGUSR2, SIGTERM) are passed straight to the training
@@ -117,6 +119,12 @@ def port_for_job(job_id: str) -> int:
 # -------------------------------------------------------------------------------- GPUs
 
 
+# How a user sets the mixed precision: the launch scripts read MIXED_PRECISION, this script
+# takes --mixed-precision; an error names both.
+PRECISION_HINT = "set MIXED_PRECISION=bf16 (Ampere and newer) or fp16 for sbatch or launch/local.sh " \
+                 "(node_launcher.py: --mixed-precision)"
+
+
 def read_compute_capabilities(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[tuple[int, int]]:
     """Compute capability of each GPU ``nvidia-smi`` shows; empty where there is no nvidia-smi."""
     command = ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]
@@ -127,7 +135,7 @@ def read_compute_capabilities(run: Callable[..., subprocess.CompletedProcess] = 
     if result.returncode != 0:
         said = (result.stderr or result.stdout).strip().splitlines()
         raise LaunchError(f"{' '.join(command)} failed ({said[0] if said else f'status {result.returncode}'}); "
-                          "older drivers lack this field: pass --mixed-precision bf16 or fp16")
+                          f"older drivers lack this field: {PRECISION_HINT}")
     capabilities = []
     for line in result.stdout.splitlines():
         if not line.strip():
@@ -169,6 +177,7 @@ class NodePlan:
     port: int
     mixed_precision: str
     capability: tuple[int, int] | None  # the lowest on the node; None when not read
+    cpu: bool = False  # processes on the CPU (--cpu-processes), no GPUs
 
     @property
     def num_machines(self) -> int:
@@ -188,21 +197,29 @@ class NodePlan:
 
 
 def plan_node(env: Mapping[str, str], capabilities: list[tuple[int, int]], mixed_precision: str | None = None,
-              local: bool = False) -> NodePlan:
-    """This node's plan from its environment and its GPUs' compute capabilities."""
-    processes = count_gpus(env, capabilities)
+              local: bool = False, cpu_processes: int | None = None) -> NodePlan:
+    """This node's plan from its environment and its GPUs' compute capabilities.
+
+    ``cpu_processes``: that many processes on the CPU; GPUs are then not looked at."""
+    cpu = cpu_processes is not None
+    if cpu:
+        if cpu_processes < 1:
+            raise LaunchError(f"--cpu-processes: expected a number of processes >= 1, got {cpu_processes}")
+        processes, capabilities = cpu_processes, []
+        mixed_precision = mixed_precision or "no"
+    else:
+        processes = count_gpus(env, capabilities)
     if processes < 1:
         raise LaunchError("no GPUs on this node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES and nvidia-smi show none); "
-                          "for CPU runs use accelerate launch --config_file accelerate_configs/2xCPU.yaml")
+                          "on CPUs use a CPU profile (launch/1xCPU.sh, launch/2xCPU.sh)")
     if mixed_precision is None:
         if not capabilities:
-            raise LaunchError("cannot tell the GPUs' compute capability (nvidia-smi not found); "
-                              "pass --mixed-precision bf16 (Ampere and newer) or fp16")
+            raise LaunchError(f"cannot tell the GPUs' compute capability (nvidia-smi not found): {PRECISION_HINT}")
         mixed_precision = precision_for(capabilities)
     capability = min(capabilities) if capabilities else None
 
     if local or not env.get("SLURM_JOB_ID"):
-        return NodePlan(None, (socket.gethostname(),), 0, processes, LOCAL_PORT, mixed_precision, capability)
+        return NodePlan(None, (socket.gethostname(),), 0, processes, LOCAL_PORT, mixed_precision, capability, cpu)
 
     job_id = env["SLURM_JOB_ID"]
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -223,11 +240,15 @@ def plan_node(env: Mapping[str, str], capabilities: list[tuple[int, int]], mixed
     if this_host and this_host != hosts[machine_rank]:
         raise LaunchError(f"SLURM_NODEID={machine_rank} is {hosts[machine_rank]} in SLURM_JOB_NODELIST, "
                           f"but this node is {this_host}")
-    return NodePlan(job_id, hosts, machine_rank, processes, port_for_job(job_id), mixed_precision, capability)
+    return NodePlan(job_id, hosts, machine_rank, processes, port_for_job(job_id), mixed_precision, capability, cpu)
 
 
 def render_config(plan: NodePlan) -> str:
-    """The accelerate config file for this node (accelerate's own YAML keys)."""
+    """The accelerate config file for this node (accelerate's own YAML keys).
+
+    CPU processes get the same MULTI_GPU launch as GPUs (torchrun starts them; accelerate's
+    MULTI_CPU type would need mpirun): the trainer, finding no CUDA, joins them in a gloo
+    group. A single CPU process is accelerate's plain CPU run."""
     where = (f"SLURM job {plan.job_id}, node {plan.machine_rank} of {plan.num_machines} "
              f"({plan.hosts[plan.machine_rank]})" if plan.job_id else f"this machine ({plan.hosts[0]})")
     lines = [f"# Written by launch/node_launcher.py for {where}.",
@@ -244,14 +265,19 @@ def render_config(plan: NodePlan) -> str:
                   "same_network: true",
                   "gpu_ids: all"]
     lines += [f"mixed_precision: {plan.mixed_precision if plan.mixed_precision != 'no' else repr('no')}",
-              "use_cpu: false",
+              f"use_cpu: {'true' if plan.cpu and plan.num_processes == 1 else 'false'}",
               "main_training_function: main"]
     return "\n".join(lines) + "\n"
 
 
 def rank_table(plan: NodePlan) -> str:
     """The whole job's layout (printed by machine rank 0) as one line per node."""
-    capability = f"compute capability {plan.capability[0]}.{plan.capability[1]}" if plan.capability else "given"
+    if plan.cpu:
+        capability = "CPU processes"
+    elif plan.capability:
+        capability = f"compute capability {plan.capability[0]}.{plan.capability[1]}"
+    else:
+        capability = "given"
     title = f"SLURM job {plan.job_id}" if plan.job_id else "local run"
     rendezvous = (f", rendezvous {plan.head if plan.num_machines > 1 else '127.0.0.1'}:{plan.port}"
                   if plan.num_processes > 1 else "")
@@ -267,7 +293,8 @@ def rank_table(plan: NodePlan) -> str:
 def node_line(plan: NodePlan, config_path: Path) -> str:
     """What each node says for itself once its config is written."""
     ranks = plan.ranks_of(plan.machine_rank)
-    return (f"[machine_rank {plan.machine_rank} {plan.hosts[plan.machine_rank]}] {plan.processes_per_node} GPU(s), "
+    devices = "CPU process(es)" if plan.cpu else "GPU(s)"
+    return (f"[machine_rank {plan.machine_rank} {plan.hosts[plan.machine_rank]}] {plan.processes_per_node} {devices}, "
             f"ranks {ranks[0]}-{ranks[-1]} of {plan.num_processes}, {plan.mixed_precision}; config {config_path}")
 
 
@@ -364,10 +391,12 @@ def _ignore_forwarded_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def launch(config_path: Path, train_args: list[str], expected_workers: int) -> int:
+def launch(config_path: Path, train_args: list[str], expected_workers: int, cpu: bool = False) -> int:
     """``accelerate launch`` this node's workers; returns the node's exit status."""
     status_dir = Path(tempfile.mkdtemp(prefix="node-launcher-"))
     env = dict(os.environ, **{STATUS_DIR_ENV: str(status_dir)})
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU profile trains on the CPU, whatever the node has
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(AGENT_SHUTDOWN_TIMEOUT_S))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
                str(WORKER), *train_args]
@@ -402,6 +431,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="where to write node-<machine_rank>.yaml (default: a temporary folder)")
     parser.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], default=None,
                         help="instead of deciding from the GPUs' compute capability")
+    parser.add_argument("--cpu-processes", type=int, default=None, metavar="N",
+                        help="N training processes on this node's CPUs (fp32 unless --mixed-precision); no GPUs")
     parser.add_argument("--dry-run", action="store_true", help="write and print the config and the plan, launch nothing")
     return parser.parse_args(own), train_args
 
@@ -411,8 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     # Without --config-dir the config lives as long as the run, in a folder removed afterwards.
     with tempfile.TemporaryDirectory(prefix="accelerate-config-") as scratch:
         try:
-            capabilities = read_compute_capabilities()
-            plan = plan_node(os.environ, capabilities, args.mixed_precision, args.local)
+            capabilities = [] if args.cpu_processes is not None else read_compute_capabilities()
+            plan = plan_node(os.environ, capabilities, args.mixed_precision, args.local, args.cpu_processes)
             config_dir = args.config_dir or Path(scratch)
             config_dir.mkdir(parents=True, exist_ok=True)
             config_path = config_dir / f"node-{plan.machine_rank}.yaml"
@@ -426,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(config_path.read_text(encoding="utf-8"), end="")
             return 0
-        status = launch(config_path, train_args, plan.processes_per_node)
+        status = launch(config_path, train_args, plan.processes_per_node, plan.cpu)
     if status == EXIT_PREEMPTED and plan.machine_rank == 0:
         print(f"node launcher: training stopped with a checkpoint (status {EXIT_PREEMPTED}; torchrun reports it "
               "as a failure above); the same command with the same --output-dir resumes it", flush=True)

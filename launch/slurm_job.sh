@@ -2,10 +2,11 @@
 # The batch job behind every launch/<profile>.sh: one node launcher per node, stop signals
 # passed on to training, and a requeue when training stopped with a checkpoint.
 #
-#   launch/slurm_job.sh DATA.toml TRAIN.toml [--set section.key=value ...] [--output-dir DIR]
+#   launch/slurm_job.sh [--cpu-processes N] DATA.toml TRAIN.toml [--set section.key=value ...]
 #
 # Run by the profile scripts inside the job, from the directory the job was submitted from
-# (the repository root). The run directory is runs/<SLURM_JOB_ID>: a requeued job keeps its
+# (the repository root); the CPU profiles pass --cpu-processes (N processes per node on its
+# CPUs, no GPUs). The run directory is runs/<SLURM_JOB_ID>: a requeued job keeps its
 # id, so it finds its checkpoints there and resumes. Environment: PYTHON (default
 # .venv/bin/python), MIXED_PRECISION (bf16, fp16 or no: instead of deciding from the GPUs).
 set -uo pipefail  # no -e: the training status is looked at below
@@ -24,6 +25,15 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     echo "error: SLURM_JOB_ID is not set: submit this with sbatch (on a workstation use launch/local.sh)" >&2
     exit "$EXIT_USAGE"
 fi
+launcher_args=()
+if [[ "${1:-}" == --cpu-processes ]]; then
+    if [[ ! "${2:-}" =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: --cpu-processes: expected a number of processes >= 1, got '${2:-}'" >&2
+        exit "$EXIT_USAGE"
+    fi
+    launcher_args+=(--cpu-processes "$2")
+    shift 2
+fi
 (( $# >= 2 )) || usage
 data_cfg=$1
 train_cfg=$2
@@ -41,13 +51,17 @@ if ! command -v "$python" >/dev/null; then
 fi
 
 output_dir=runs/$SLURM_JOB_ID
-launcher_args=(--config-dir "$output_dir/launch")
+launcher_args+=(--config-dir "$output_dir/launch")
 if [[ -n "${MIXED_PRECISION:-}" ]]; then
+    if [[ ! "$MIXED_PRECISION" =~ ^(bf16|fp16|no)$ ]]; then
+        echo "error: MIXED_PRECISION=$MIXED_PRECISION: expected bf16, fp16 or no" >&2
+        exit "$EXIT_USAGE"
+    fi
     launcher_args+=(--mixed-precision "$MIXED_PRECISION")
 fi
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run directory $output_dir"
 
-# One task per node; each node launcher starts that node's GPU processes.
+# One task per node; each node launcher starts that node's training processes (one per GPU).
 srun --nodes="${SLURM_NNODES:-1}" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     "$python" launch/node_launcher.py "${launcher_args[@]}" -- \
     --data-cfg "$data_cfg" --train-cfg "$train_cfg" --output-dir "$output_dir" "$@" &

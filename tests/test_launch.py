@@ -265,8 +265,11 @@ def test_inconsistent_environments_are_one_line_errors(tmp_path, slurm, message)
 
 
 def test_without_nvidia_smi_the_precision_must_be_given():
-    with pytest.raises(launcher.LaunchError, match="--mixed-precision"):
+    # sbatch and local.sh users set MIXED_PRECISION; the message names it (and the launcher's option).
+    with pytest.raises(launcher.LaunchError, match=r"set MIXED_PRECISION=bf16 .* or fp16 for sbatch.*--mixed-prec"):
         launcher.plan_node({"SLURM_GPUS_ON_NODE": "4"}, [])
+    with pytest.raises(launcher.LaunchError, match="set MIXED_PRECISION="):
+        launcher.read_compute_capabilities(fake_run(returncode=2, stderr="Field is not valid"))
     assert launcher.plan_node({"SLURM_GPUS_ON_NODE": "4"}, [], "fp16").mixed_precision == "fp16"
 
 
@@ -311,6 +314,30 @@ def test_cpu_profiles_are_one_and_two_processes():
     one = load_config_from_file(str(REPO / "accelerate_configs" / "1xCPU.yaml"))
     two = load_config_from_file(str(REPO / "accelerate_configs" / "2xCPU.yaml"))
     assert (one.num_processes, one.use_cpu, two.num_processes) == (1, True, 2)
+
+
+@pytest.mark.parametrize("profile", ["1xCPU", "2xCPU"])
+def test_cpu_profile_scripts_generate_their_accelerate_configs(profile):
+    """launch/<n>xCPU.sh asks for no GPUs and runs n processes; its node generates accelerate_configs/<n>xCPU.yaml."""
+    script = LAUNCH / f"{profile}.sh"
+    directives = sbatch_directives(script)
+    assert "gres" not in directives and directives["nodes"] == "1" and directives["ntasks-per-node"] == "1"
+    assert re.fullmatch(r"B:USR1@\d+", directives["signal"]) and "requeue" in directives
+    exec_line = script.read_text().strip().splitlines()[-1]
+    assert exec_line == f'exec bash launch/slurm_job.sh --cpu-processes {profile[0]} "$@"'
+    env = {"SLURM_JOB_ID": "1234", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "c1"}
+    # A CPU node with GPUs visible still trains on its CPUs: nvidia-smi is not asked.
+    plan = launcher.plan_node(dict(env, SLURM_GPUS_ON_NODE="4"), [(8, 0)] * 4, cpu_processes=int(profile[0]))
+    assert (plan.processes_per_node, plan.mixed_precision, plan.cpu) == (int(profile[0]), "no", True)
+    generated = yaml.safe_load(launcher.render_config(plan))
+    expected = yaml.safe_load((REPO / "accelerate_configs" / f"{profile}.yaml").read_text())
+    assert {k: v for k, v in generated.items() if k not in NODE_SPECIFIC} == expected
+    assert "1 node(s) x" in launcher.rank_table(plan) and "(CPU processes)" in launcher.rank_table(plan)
+
+
+def test_cpu_processes_must_be_at_least_one():
+    with pytest.raises(launcher.LaunchError, match="--cpu-processes: expected a number of processes >= 1, got 0"):
+        launcher.plan_node({}, [], cpu_processes=0)
 
 
 SHELL_SCRIPTS = sorted(LAUNCH.glob("*.sh")) + sorted(STANDINS.iterdir())
@@ -476,6 +503,15 @@ def test_wrapper_refuses_to_run_outside_slurm_or_without_configs(tmp_path, tiny_
     assert missing.returncode == 2 and "config file not found: nope.toml" in missing.stderr
     usage = subprocess.run(["sbatch", "launch/4xA40.sh"], cwd=root, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and usage.stderr.startswith("usage: sbatch -A <account> launch/<profile>.sh")
+    for bad, message in [(["--cpu-processes", "0"], "error: --cpu-processes: expected a number of processes >= 1"),
+                         (["--cpu-processes", "two"], "got 'two'")]:
+        result = subprocess.run(["sbatch", "launch/slurm_job.sh", *bad, "data.toml", "train.toml"], cwd=root, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    precision = subprocess.run(["sbatch", "launch/2xCPU.sh", "data.toml", "train.toml"], cwd=root,
+                               env=dict(env, MIXED_PRECISION="bf32"), capture_output=True, text=True)
+    assert precision.returncode == 2
+    assert precision.stderr == "error: MIXED_PRECISION=bf32: expected bf16, fp16 or no\n"
     assert not (root / "runs").exists()
 
 
