@@ -7,13 +7,17 @@ data set (``data_dir = "hf-hub:<id>"``), through torch DataLoader workers.
 from __future__ import annotations
 
 import io
+import os
 import random
+import signal
+import threading
 
 import datasets
 import torch
 from PIL import Image
 
 from ..config import DataConfig, PreprocessConfig
+from ..preemption import STOP_SIGNALS
 from .folder import DataError, FolderSplit
 from .transforms import EvalPreset, TrainPreset
 
@@ -97,12 +101,54 @@ def make_datasets(train_table: datasets.Dataset, val_table: datasets.Dataset, im
             ImageDataset(val_table, image_column, label_column, val_preset, seed))
 
 
+# SLURM sends the trainer's stop signals to every process of a job step: loader workers must
+# leave them to the trainer, which stops after a checkpoint and then ends its workers itself.
+OTHER_STOP_SIGNALS = frozenset(STOP_SIGNALS) - {signal.SIGTERM}
+
+
+class _StopSignalSafeLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes leave the stop signals to the trainer.
+
+    Left alone, a worker dies of SIGTERM (PyTorch's handler in the worker lets only the
+    trainer's own SIGTERM end it quietly), the trainer then fails with "DataLoader worker is
+    killed by signal" before its checkpoint, and a worker inherits the trainer's handler for
+    SIGUSR1, logging the stop once more. The signals are blocked while workers start (they
+    inherit the blocked mask, so none arrives before ``_leave_stop_signals`` has run in them);
+    a signal that comes meanwhile reaches the trainer once they are unblocked here."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _leave_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: ignore SIGUSR1/SIGUSR2; SIGTERM ends this worker only when the trainer sends it."""
+    for sig in OTHER_STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # also drops one pending since the fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, OTHER_STOP_SIGNALS)
+    # SIGTERM stays blocked (in this thread and the threads it starts) and is taken here with
+    # its sender: the trainer's SIGTERM is PyTorch's last resort for a worker that does not
+    # exit when asked, and still ends it as PyTorch's own handler would.
+    trainer = os.getppid()
+    threading.Thread(target=_end_on_trainers_sigterm, args=(trainer,), name="sigterm-watch", daemon=True).start()
+
+
+def _end_on_trainers_sigterm(trainer: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+            os._exit(0)
+
+
 def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+    return _StopSignalSafeLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_leave_stop_signals if num_workers > 0 else None,
     )
