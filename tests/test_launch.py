@@ -1,11 +1,12 @@
 """Launching: accelerate configs per hardware profile, the per-node generator, the SLURM wrappers
 with requeue, and sync_bn.
 
-There is no SLURM here, so it is simulated: tests/slurm_standins/ holds stand-in ``sbatch``,
-``srun``, ``scontrol`` and ``nvidia-smi`` commands that give the wrappers the environment
-SLURM would, start one task per simulated node (all on this machine, as 127.0.0.1, 127.0.0.2,
-...), pass signals on as srun does, and record requeues. Training itself is real: CPU
-processes that rendezvous through the generated configs.
+SLURM is simulated here: tests/slurm_standins/ holds stand-in ``sbatch``, ``srun``,
+``scontrol`` and ``nvidia-smi`` commands that give the wrappers the environment SLURM would,
+start one task per simulated node (all on this machine, as 127.0.0.1, 127.0.0.2, ...), pass
+signals on as srun does (to every process of the step) and record requeues; this is how
+several nodes are tested. Training itself is real: CPU processes that rendezvous through the
+generated configs. test_slurm_real.py runs the single-node cases on a real SLURM.
 """
 
 from __future__ import annotations
@@ -363,12 +364,12 @@ def test_shell_scripts_pass_shellcheck(script):
 NO_BN_ARCH = '"vit_tiny_patch16_224"'  # LayerNorm only: no per-process batch statistics
 
 
-def submit_dir(tmp_path: Path, tiny_folder: Path, **train) -> Path:
+def submit_dir(tmp_path: Path, tiny_folder: Path, workers: int = 0, **train) -> Path:
     """A directory to submit from, as a clone would be (launch/ at its root), with tiny configs."""
     root = tmp_path / "submit"
     root.mkdir()
     (root / "launch").symlink_to(LAUNCH)
-    write(root / "data.toml", data_toml(tiny_folder))
+    write(root / "data.toml", data_toml(tiny_folder, workers=workers))
     write(root / "train.toml", tiny_train_toml(arch=NO_BN_ARCH, **train))
     return root
 
@@ -459,7 +460,8 @@ def test_two_processes_follow_the_one_process_loss_trajectory(two_node_job, tmp_
 
 
 def test_preempted_job_is_requeued_and_resumes_into_the_same_run(tiny_folder, tmp_path):
-    root = submit_dir(tmp_path, tiny_folder, max_epochs=500)
+    # A loader worker process per loader: srun passes the signal to them too, as SLURM does.
+    root = submit_dir(tmp_path, tiny_folder, workers=1, max_epochs=500)
     env = slurm_env(root, job_id=4243, gpus_per_node=2)  # launch/4xA40.sh on a node with 2 GPUs
     run_dir, log = root / "runs" / "4243", tmp_path / "job.log"
     with in_background(sbatch_command("4xA40"), root, env, log) as job:
@@ -468,6 +470,7 @@ def test_preempted_job_is_requeued_and_resumes_into_the_same_run(tiny_folder, tm
         job.wait(timeout=300)
     output = log.read_text()
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert output.count("received SIGUSR1: stopping after this step") == 2, output[-3000:]  # once per rank
     assert (root / "scontrol.log").read_text() == "requeue 4243\n"
     assert "requeueing job 4243" in output
     assert list((run_dir / "checkpoints").iterdir())
@@ -513,6 +516,64 @@ def test_wrapper_refuses_to_run_outside_slurm_or_without_configs(tmp_path, tiny_
     assert precision.returncode == 2
     assert precision.stderr == "error: MIXED_PRECISION=bf32: expected bf16, fp16 or no\n"
     assert not (root / "runs").exists()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), as SLURM's process tracking sees a job."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # the field after "(command) state"
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def wait_until_ended(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() and "(Z)" not in status_of(pid) for pid in pids):
+        assert time.monotonic() < deadline, "the job's processes did not end"
+        time.sleep(0.2)
+
+
+def status_of(pid: int) -> str:
+    try:
+        state = (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() or ["?"])[0]
+    except OSError:
+        return "(gone)"
+    return f"({state})"
+
+
+def test_scancel_sigterm_to_every_process_reaches_a_checkpoint_with_loader_workers(tiny_folder, tmp_path):
+    """Plain ``scancel``: SIGTERM to every process of the job, the HF loader's worker processes
+    included. Training still writes its checkpoint; the job is not requeued (launch/2xCPU.sh)."""
+    root = submit_dir(tmp_path, tiny_folder, workers=1, max_epochs=500)
+    with (root / "train.toml").open("a") as train:
+        train.write("checkpoint_freq = 1000\n")  # [log]: no epoch checkpoints, only the stop's
+    env = slurm_env(root, job_id=4246, gpus_per_node=0)
+    run_dir, log = root / "runs" / "4246", tmp_path / "job.log"
+    with in_background(sbatch_command("2xCPU"), root, env, log) as job:
+        wait_for_first_record(job, run_dir / "metrics.jsonl", log)
+        processes = process_tree(job.pid)
+        assert len(processes) >= 8  # shell, srun, launcher, accelerate, 2 trainers, their loader workers
+        for pid in processes:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        wait_until_ended(processes, timeout=300)
+    output = log.read_text()
+    assert "DataLoader worker" not in output, output[-3000:]
+    assert output.count("received SIGTERM: stopping after this step") == 2, output[-3000:]  # once per rank
+    assert "training stopped with a checkpoint (status 75" in output, output[-3000:]
+    assert len(list((run_dir / "checkpoints").iterdir())) == 1
+    assert "2 node(s)" not in output and "1 node(s) x 2 process(es) = 2, mixed precision no (CPU processes)" in output
+    assert not (root / "scontrol.log").exists()  # the batch shell died of SIGTERM: no requeue
 
 
 def test_local_launcher_passes_a_stop_signal_to_a_single_process(tiny_folder, tmp_path):
