@@ -291,7 +291,7 @@ def run(config: Config, options: RunOptions) -> dict:
         if accelerator.is_main_process:
             metrics_log.rewrite(trainer.metrics)  # drop records written after that checkpoint
         LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
-                 f"step {trainer.step}")
+                 f"step {trainer.step + epoch_state.batches_done}")  # the checkpoint's step, as it is named
     # Steps after the resume point are logged again; the tracker hides the earlier attempt's.
     tracker = RunTracker(accelerator, run_dir, config_table, resumed_at_step=trainer.step + epoch_state.batches_done)
 
