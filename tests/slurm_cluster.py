@@ -1,0 +1,261 @@
+"""A real single-node SLURM cluster for the tests: munged, slurmctld and slurmd from a temporary folder.
+
+Debian's packages (``munge``, ``slurmctld``, ``slurmd``, ``slurm-client``; ``.ci/run`` installs
+them) are started by this module, each in the foreground as a child process, with a
+``slurm.conf`` and a MUNGE key written into a folder of their own, on free ports and a MUNGE
+socket of their own: nothing under /etc is read or changed, and a SLURM already running on the
+machine is left alone. Clients find the cluster through ``SLURM_CONF`` (``cluster.env``).
+:meth:`SlurmCluster.stop` cancels what is left of the jobs and stops the daemons by their PIDs.
+
+Run by hand to rehearse the SLURM wrappers on this machine (as root)::
+
+    python tests/slurm_cluster.py FOLDER     # prints the SLURM_CONF to export; Ctrl-C stops it
+
+What the configuration chooses, and why:
+
+* ``CPUs`` larger than the machine has, with ``SlurmdParameters=config_overrides``: the tests
+  run several small jobs at once on a 2-core CI machine (they share the cores; nothing binds
+  them, ``TaskPlugin=task/none``).
+* ``cred_expire``: SLURM holds a requeued job for this long (default 120 s) before it starts
+  again. The tests shorten it so a requeue costs seconds, and still see SLURM itself start
+  the requeued job under its id after its hold; ``sched_interval`` lets the scheduler notice
+  at once. Nothing else of the requeue path changes.
+* ``KillWait=30``: as on most clusters, the time between SIGTERM and SIGKILL on ``scancel``.
+* ``MinJobAge``: finished jobs stay visible to ``scontrol show job`` (there is no accounting
+  database, so no ``sacct``) long enough for the tests to read their end state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue")
+READY_TIMEOUT_S = 90
+STOP_TIMEOUT_S = 30
+
+
+class ClusterUnavailable(Exception):
+    """SLURM cannot be started here; the message says why (a test skips with it)."""
+
+
+def missing_requirements() -> str | None:
+    """Why no cluster can be started on this machine, or None when it can be tried."""
+    if sys.platform != "linux":
+        return "a real SLURM cluster is started on Linux only"
+    if os.geteuid() != 0:
+        return "starting slurmd needs root (CI runs as root)"
+    missing = [name for name in DAEMONS + CLIENTS if shutil.which(name, path=_search_path()) is None]
+    if missing:
+        return (f"SLURM/MUNGE commands not found: {', '.join(missing)} "
+                "(apt-get install munge slurmctld slurmd slurm-client)")
+    return None
+
+
+def _search_path() -> str:
+    # The daemons live in /usr/sbin, which a non-login PATH may lack.
+    return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    cpus: int = 8
+    cred_expire_s: int = 10
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a client needs to reach this cluster (add it to a command's environment)."""
+        return {"SLURM_CONF": str(self.conf), "PATH": _search_path()}
+
+    def slurm_conf(self, ctld_port: int, slurmd_port: int) -> str:
+        r = self.root
+        return "\n".join([
+            "# Written by tests/slurm_cluster.py: a single-node cluster for the tests.",
+            "ClusterName=tests",
+            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={r}/munge/munge.socket,cred_expire={self.cred_expire_s}",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd.pid",
+            f"SlurmctldLogFile={r}/slurmctld.log",
+            f"SlurmdLogFile={r}/slurmd.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "SlurmdParameters=config_overrides",
+            "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "MpiDefault=none",
+            "JobRequeue=1",
+            "ReturnToService=2",
+            "KillWait=30",
+            "MinJobAge=3600",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN",
+            f"PartitionName=main Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n"
+
+    # ------------------------------------------------------------------------- start, stop
+
+    def start(self) -> "SlurmCluster":
+        """Start munged, slurmctld and slurmd; wait until a step runs. Raises ClusterUnavailable."""
+        reason = missing_requirements()
+        if reason:
+            raise ClusterUnavailable(reason)
+        for folder in ("munge", "state", "spool"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root / "munge", 0o700)
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(secrets.token_bytes(1024))
+        os.chmod(key, 0o600)
+        self.conf.write_text(self.slurm_conf(_free_port(), _free_port()))
+        munge = self.root / "munge"
+        try:
+            self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={munge}/munge.socket",
+                                   f"--key-file={key}", f"--pid-file={munge}/munged.pid",
+                                   f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"])
+            self._wait_for(lambda: (munge / "munge.socket").exists(), "munged", munge / "munged.log")
+            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
+            self._wait_for(lambda: self._client(["scontrol", "ping"]).returncode == 0, "slurmctld",
+                           self.root / "slurmctld.log")
+            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+            self._wait_for(self._runs_a_step, "slurmd", self.root / "slurmd.log")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = (self.root / f"{name}.out").open("w")
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=dict(os.environ, **self.env),
+                                                start_new_session=True)
+        log.close()
+
+    def _client(self, command: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(command, env=dict(os.environ, **self.env), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def _runs_a_step(self) -> bool:
+        try:
+            result = self._client(["srun", "--immediate=5", "-N1", "-n1", "hostname"], timeout=20)
+        except subprocess.TimeoutExpired:
+            return False
+        return result.returncode == 0 and bool(result.stdout.strip())
+
+    def _wait_for(self, ready, name: str, log: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            process = self.processes[name]
+            if process.poll() is not None:
+                raise ClusterUnavailable(f"{name} exited with status {process.returncode}: {self._tail(name, log)}")
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(f"{name} did not become ready within {READY_TIMEOUT_S}s: "
+                                         f"{self._tail(name, log)}")
+            time.sleep(0.5)
+
+    def _tail(self, name: str, log: Path) -> str:
+        lines = []
+        for path in (self.root / f"{name}.out", log):
+            if path.exists():
+                lines += [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else "no log"
+
+    def stop(self) -> None:
+        """Cancel the jobs left, then stop slurmd, slurmctld and munged (in that order) by PID."""
+        if "slurmctld" in self.processes and self.processes["slurmctld"].poll() is None:
+            self._cancel_all()
+        for name in reversed(DAEMONS):
+            process = self.processes.pop(name, None)
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _cancel_all(self) -> None:
+        try:
+            jobs = self.job_ids()
+            if jobs:
+                self._client(["scancel", *jobs])
+            deadline = time.monotonic() + 60  # KillWait, then SIGKILL: every job ends within it
+            while self.job_ids() and time.monotonic() < deadline:
+                time.sleep(1)
+        except subprocess.TimeoutExpired:
+            pass
+
+    # ------------------------------------------------------------------------- jobs
+
+    def job_ids(self) -> list[str]:
+        """Jobs that have not ended."""
+        result = self._client(["squeue", "--noheader", "--format=%i"])
+        return result.stdout.split() if result.returncode == 0 else []
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, Requeue, Reason, ...)."""
+        result = self._client(["scontrol", "show", "job", "--oneliner", job_id])
+        if result.returncode != 0:
+            raise RuntimeError(f"scontrol show job {job_id}: {result.stderr.strip()}")
+        return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python tests/slurm_cluster.py FOLDER", file=sys.stderr)
+        return 2
+    cluster = SlurmCluster(Path(argv[0]).resolve())
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        print(f"error: cannot start SLURM: {exc}", file=sys.stderr)
+        return 1
+    print(f"SLURM is running: export SLURM_CONF={cluster.conf}  (Ctrl-C stops it)", flush=True)
+    try:
+        # Blocked only now, so that the daemons do not inherit the blocked mask.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
