@@ -37,9 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 # The trainer's status after a stop signal, once its checkpoint is written: EX_TEMPFAIL from
 # sysexits.h. It is train.preemption.EXIT_PREEMPTED; this file cannot import torch to read it.
@@ -282,7 +282,7 @@ class SignalForwarder:
         self.received: int | None = None
         self._previous = {}
 
-    def install(self) -> "SignalForwarder":
+    def install(self) -> SignalForwarder:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         # Ctrl-C reaches accelerate's process as well, which stops the workers: keep waiting

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.data.builtin import CLASS_NAMES, render_image
+from train.data.builtin import render_image
 
 REPO = Path(__file__).resolve().parent.parent
 

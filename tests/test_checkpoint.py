@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, clean_env, data_toml, run_train, tiny_train_toml, write
+
 from train import checkpoint as ckpt
 from train.cli import main
 from train.preemption import EXIT_PREEMPTED
@@ -90,10 +89,10 @@ def test_kills_at_random_moments_never_leave_a_damaged_checkpoint(tiny_folder, t
     out = tmp_path / "out"
     args = configs(tmp_path, tiny_folder, max_epochs=6) + ["--output-dir", str(out), "--set", "train.log.checkpoint_every_steps=1"]
     rng = random.Random(1234)
-    for attempt in range(3):
+    for _ in range(3):
         process = start_train(args)
         first = ckpt.latest_valid_checkpoint(out)
-        wait_for(lambda: ckpt.latest_valid_checkpoint(out) not in (None, first), process)
+        wait_for(lambda first=first: ckpt.latest_valid_checkpoint(out) not in (None, first), process)
         time.sleep(rng.uniform(0.0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.communicate()
@@ -184,8 +183,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, tiny_fol
     run = tmp_path / "run"
     args = configs(tmp_path, tiny_folder, max_epochs=1) + ["--output-dir", str(run)]
     run.mkdir()
-    from train.config import load_config, to_dict
     import tomli_w
+
+    from train.config import load_config, to_dict
     (run / "config.toml").write_text(tomli_w.dumps(to_dict(load_config(args[1], args[3]))))
     (run / "metrics.jsonl").write_text('{"epoch": 99}\n')  # partial output of the killed attempt
     assert main(args) == 0

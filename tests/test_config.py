@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
 from helpers import REPO, data_toml, tiny_train_toml, write
+
 from train.cli import main
-from train.config import (ConfigError, CosineScheduleConfig, SGDConfig, load_config, parse_override,
-                          read_toml, to_dict)
+from train.config import ConfigError, CosineScheduleConfig, SGDConfig, load_config, parse_override, to_dict
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import make_image_folder
 from PIL import Image
 
-from helpers import make_image_folder
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig
 from train.data import build_loaders, check_supported
 from train.data.folder import DataError, scan_image_folder

@@ -7,8 +7,15 @@ import schedulefree
 import timm
 import torch
 
-from train.config import (AdamConfig, AdamWConfig, AdamWScheduleFreeConfig, OptimConfig, SGDConfig, SGDSAMConfig,
-                          SGDScheduleFreeConfig)
+from train.config import (
+    AdamConfig,
+    AdamWConfig,
+    AdamWScheduleFreeConfig,
+    OptimConfig,
+    SGDConfig,
+    SGDSAMConfig,
+    SGDScheduleFreeConfig,
+)
 from train.optim import OPTIMIZERS, build_optimizer, param_groups
 
 

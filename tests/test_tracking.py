@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
 from train import checkpoint as ckpt
 from train.progress import EpochProgress, format_duration
 from train.rundir import read_metrics

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-
 from helpers import accelerate_launch, data_toml, make_image_folder, run_train, tiny_train_toml, write
+
 from train.cli import main
 from train.rundir import read_metrics
 

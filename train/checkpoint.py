@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import shutil
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
-
-from .config import UserError
+from .config import flatten
+from .errors import UserError
+from .files import write_json
 
 LOG = logging.getLogger("train")
 
@@ -87,10 +88,6 @@ def _fsync_tree(folder: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=1), encoding="utf-8")
 
 
 def write_manifest(folder: Path) -> None:
@@ -222,17 +219,6 @@ def load(accelerator, folder: Path, scheduler) -> tuple[TrainerState, EpochState
 
 
 # -------------------------------------------------------------------- resume decision
-
-
-def flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def config_differences(old: dict, new: dict) -> list[str]:

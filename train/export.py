@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint as ckpt
-from .config import Config, UserError, load_config_text
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .config import Config, load_config_text
+from .errors import UserError, report_error
 from .models import build_model, model_args, resolve_arch
 
 WEIGHTS = "model.safetensors"
@@ -50,8 +51,8 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
             "crop_mode": "center",
             # timm and PIL have no "triangular"; PIL's bilinear is that filter when shrinking.
             "interpolation": "bilinear" if p.interpolation == "triangular" else p.interpolation,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD),
             "num_classes": config.data.num_classes,
             "classifier": model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None,
         },
@@ -148,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = export_checkpoint(args.checkpoint, out)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(f"exported {args.checkpoint} to {written}")
     return 0
 
