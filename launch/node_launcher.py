@@ -117,7 +117,8 @@ def port_for_job(job_id: str) -> int:
 # -------------------------------------------------------------------------------- GPUs
 
 
-def read_compute_capabilities(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[tuple[int, int]]:
+def read_compute_capabilities(
+        run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[tuple[int, int]]:
     """Compute capability of each GPU ``nvidia-smi`` shows; empty where there is no nvidia-smi."""
     command = ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]
     try:
@@ -329,7 +330,8 @@ def running_workers(status_dir: Path) -> list[int]:
 
 
 def worker_statuses(status_dir: Path) -> list[int]:
-    return [int(p.read_text()) for p in sorted(status_dir.glob("*.exit")) if p.read_text().strip().lstrip("-").isdigit()]
+    return [int(p.read_text()) for p in sorted(status_dir.glob("*.exit"))
+            if p.read_text().strip().lstrip("-").isdigit()]
 
 
 def wait_for_workers(status_dir: Path, timeout_s: float) -> None:
@@ -402,7 +404,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="where to write node-<machine_rank>.yaml (default: a temporary folder)")
     parser.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], default=None,
                         help="instead of deciding from the GPUs' compute capability")
-    parser.add_argument("--dry-run", action="store_true", help="write and print the config and the plan, launch nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write and print the config and the plan, launch nothing")
     return parser.parse_args(own), train_args
 
 

@@ -138,11 +138,13 @@ def test_shipped_train_configs_are_valid_and_keep_the_seed_recipe(name):
     config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
     t = config.train
     assert (t.batch_size, t.max_epochs, t.label_smoothing) == (1024, 90, 0.1)
-    assert (t.preprocess.val_image_size, t.preprocess.val_crop_size, t.preprocess.interpolation) == (256, 224, "bilinear")
+    p = t.preprocess
+    assert (p.val_image_size, p.val_crop_size, p.interpolation) == (256, 224, "bilinear")
     if name != "vit_base_16":
         assert t.preprocess.train_crop_size == 176
     if name == "resnet50-sf-sgd":
-        assert (t.lr, t.optim.momentum, t.optim.weight_decay, t.optim.r, t.optim.weight_lr_power) == (10, 0.9, 5e-5, 0.75, 2)
+        o = t.optim
+        assert (t.lr, o.momentum, o.weight_decay, o.r, o.weight_lr_power) == (10, 0.9, 5e-5, 0.75, 2)
         assert t.lr_scheduler.name == "constant"
     else:
         assert (t.lr_scheduler.warmup_epochs, t.lr_scheduler.warmup_decay) == (5, 0.01)
@@ -157,8 +159,9 @@ def test_shipped_train_configs_are_valid_and_keep_the_seed_recipe(name):
 
 
 def test_shipped_data_configs():
-    assert load_config(REPO / "configs/data/imagenet.toml", REPO / "configs/train/resnet50-sgd.toml").data.dataloader.name == "dali"
-    assert load_config(REPO / "configs/data/imagenet-hf.toml", REPO / "configs/train/resnet50-sgd.toml").data.dataloader.name == "hf"
+    train = REPO / "configs/train/resnet50-sgd.toml"
+    assert load_config(REPO / "configs/data/imagenet.toml", train).data.dataloader.name == "dali"
+    assert load_config(REPO / "configs/data/imagenet-hf.toml", train).data.dataloader.name == "hf"
 
 
 def test_written_config_reloads_to_the_same_values(files, tmp_path):

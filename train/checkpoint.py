@@ -148,7 +148,11 @@ def read_epoch_state(folder: Path, rank: int) -> EpochState:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints and the best by validation top-1."""
+    """Keep the newest ``keep_last`` checkpoints and the best by validation top-1.
+
+    Our own rather than Accelerate's ``ProjectConfiguration(total_limit=...)``, which keeps
+    the newest only and would delete the best checkpoint of a run that later got worse.
+    """
     folders = list_checkpoints(run_dir)
     keep = set(folders[-keep_last:])
     scored = []

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         check_supported(data, str(args.data_cfg))
         model = load_model(args.model)
         if model.num_classes != data.num_classes:
-            raise UserError(f"the model predicts {model.num_classes} classes but data.num_classes is {data.num_classes}")
+            raise UserError(f"the model predicts {model.num_classes} classes but data.num_classes is "
+                            f"{data.num_classes}")
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         if args.batch_size % accelerator.num_processes:
             raise UserError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")

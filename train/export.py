@@ -129,12 +129,13 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     problem = ckpt.checkpoint_problem(checkpoint)
     if problem:
         raise UserError(f"{checkpoint}: not a usable checkpoint ({problem})")
-    config = load_config_text((checkpoint / ckpt.CONFIG_COPY).read_text(encoding="utf-8"), str(checkpoint / ckpt.CONFIG_COPY))
+    config_path = checkpoint / ckpt.CONFIG_COPY
+    config = load_config_text(config_path.read_text(encoding="utf-8"), str(config_path))
     trainer = ckpt.read_trainer_state(checkpoint)
     t = config.train
     model = build_model(t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.preprocess.val_crop_size)
     model.load_state_dict(unwrapped_names(load_file(str(checkpoint / WEIGHTS))))
-    class_names = tuple(trainer.class_names) if trainer.class_names else tuple(str(i) for i in range(config.data.num_classes))
+    class_names = tuple(trainer.class_names or (str(i) for i in range(config.data.num_classes)))
     return write_model_folder(out_dir, model, config, class_names, trainer.metrics,
                               f"python -m train.export {checkpoint}", tuple(trainer.class_descriptions))
 

@@ -97,7 +97,8 @@ def make_datasets(train_table: datasets.Dataset, val_table: datasets.Dataset, im
             ImageDataset(val_table, image_column, label_column, val_preset, seed))
 
 
-def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,

@@ -1,6 +1,7 @@
 """WebDataset shards: ``train-NNNNN.tar`` and ``val-NNNNN.tar``, each with a DALI index file.
 
-This module reads them (the converter in ``train.dataset_tools`` writes them). A shard holds one ``<key>.jpg`` (the original file's bytes, whatever its format) and one
+This module reads them (the converter in ``train.dataset_tools`` writes them). A shard holds
+one ``<key>.jpg`` (the original file's bytes, whatever its format) and one
 ``<key>.cls`` (the class index as ASCII digits, the WebDataset convention) per sample. Next to
 each ``.tar`` lies its ``.idx``, the index DALI's webdataset reader needs to find samples
 without scanning the archive at every start. ``manifest.json`` records the class names, so the

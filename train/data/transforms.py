@@ -2,7 +2,9 @@
 
 The random choices of a sample come from a generator seeded by (run seed, epoch, index), not
 from a worker's global RNG, so a sample is augmented identically whatever the number of
-workers, and a resumed run sees exactly the crops the uninterrupted run would have seen.
+workers, and a resumed run sees exactly the crops the uninterrupted run would have seen. This
+is why these presets are our own rather than torchvision's ``RandomResizedCrop`` and
+``RandomHorizontalFlip``, which draw from the global RNG.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ def describe_load_error(dataset: str, exc: Exception) -> str:
     """One line for a failed download or preparation: what went wrong and what to do."""
     page = f"{huggingface_hub.constants.ENDPOINT}/datasets/{dataset}"
     chain = list(_causes(exc))
+    reason = first_line(exc, with_type=True)
     text = " ".join(str(e) for e in chain)
     gated = [e for e in chain if isinstance(e, huggingface_hub.errors.GatedRepoError)]
     status = getattr(getattr(gated[0], "response", None), "status_code", None) if gated else None
@@ -109,17 +110,17 @@ def describe_load_error(dataset: str, exc: Exception) -> str:
         return (f"{dataset}: no such data set on the Hub, or a private one this token cannot see: check the id "
                 "(e.g. ILSVRC/imagenet-1k) or pass --token")
     if isinstance(exc, ConnectionError):
-        return (f"{dataset}: cannot reach the Hugging Face Hub ({first_line(exc, with_type=True)}): check the network, or prepare it "
+        return (f"{dataset}: cannot reach the Hugging Face Hub ({reason}): check the network, or prepare it "
                 "where the Hub is reachable and copy the Hugging Face cache (HF_HOME) here")
     if "Not enough disk space" in text or any(getattr(e, "errno", None) == errno.ENOSPC for e in chain):
-        return (f"{dataset}: not enough disk space for the Hugging Face cache ({first_line(exc, with_type=True)}): free space, or "
+        return (f"{dataset}: not enough disk space for the Hugging Face cache ({reason}): free space, or "
                 "point HF_HOME (or HF_HUB_CACHE and HF_DATASETS_CACHE) at a larger disk for this command and training")
     if isinstance(exc, FileNotFoundError) and not Path(dataset).exists():
         return (f"{dataset}: no such folder, nor a Hub data set of that name; give a Hub id such as "
                 "ILSVRC/imagenet-1k or a folder of data files")
     if isinstance(exc, FileNotFoundError):
-        return f"{dataset}: {first_line(exc, with_type=True)}; give a folder of data files (e.g. data/train-*.parquet) or a Hub id"
-    return f"{dataset}: datasets.load_dataset failed: {first_line(exc, with_type=True)}"
+        return f"{dataset}: {reason}; give a folder of data files (e.g. data/train-*.parquet) or a Hub id"
+    return f"{dataset}: datasets.load_dataset failed: {reason}"
 
 
 def _known_splits(builder) -> list[str]:

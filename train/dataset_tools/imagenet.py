@@ -85,7 +85,8 @@ def find_sources(archives: Path | None, train: Path | None, val: Path | None, de
             raise PrepareError(f"{archives}: no such folder")
         present = [archives / name for name in names if (archives / name).exists()]
         if not present:
-            raise PrepareError(f"{archives}: no {names[0]} (nor an extracted {' or '.join(n + '/' for n in names[1:])}); "
+            extracted = " or ".join(n + "/" for n in names[1:])
+            raise PrepareError(f"{archives}: no {names[0]} (nor an extracted {extracted}); "
                                f"download it from image-net.org (ILSVRC2012) or pass --{role} PATH")
         found[role] = present[0]
     return Sources(**found)
