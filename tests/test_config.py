@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from typing import Literal
+
 import pytest
 from helpers import REPO, data_toml, tiny_train_toml, write
 
 from train.cli import main
-from train.config import ConfigError, CosineScheduleConfig, SGDConfig, load_config, parse_override, to_dict
+from train.config import (
+    ConfigError,
+    CosineScheduleConfig,
+    SGDConfig,
+    _bounds,
+    _build,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 
 @pytest.fixture
@@ -203,3 +216,20 @@ def test_cli_reports_syntax_error(capsys, files, tmp_path):
     broken = write(tmp_path / "b.toml", "[optim\n")
     err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(broken)])
     assert "line 1, column" in err
+
+
+def test_a_key_may_take_a_number_or_a_word_such_as_auto():
+    """Keys like `micro_batch_size = 32 | "auto"` are checked against both choices, bounds for the number."""
+    @dataclass
+    class Section:
+        size: int | Literal["auto"] = _bounds("auto", gt=0)
+        switch: bool | Literal["auto"] = "auto"
+
+    assert _build(Section, {"size": 32, "switch": False}, "t", "f.toml") == Section(32, False)
+    assert _build(Section, {"size": "auto", "switch": "auto"}, "t", "f.toml") == Section("auto", "auto")
+    for raw, message in [({"size": "big"}, "f.toml: t.size must be an integer or 'auto', got 'big'"),
+                         ({"size": 0}, "f.toml: t.size must be > 0, got 0"),
+                         ({"size": True}, "t.size must be an integer or 'auto', got true"),
+                         ({"switch": 1}, "f.toml: t.switch must be true or false or 'auto', got 1")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _build(Section, raw, "t", "f.toml")

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import re
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -230,7 +231,20 @@ def _fmt(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _describe_type(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(map(repr, get_args(tp)))
+    return _TYPE_NAMES[tp]
+
+
 def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):  # a choice such as `int | Literal["auto"]`
+        for member in get_args(tp):
+            try:
+                return _convert_scalar(member, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be {' or '.join(_describe_type(m) for m in get_args(tp))}, got {_fmt(value)}")
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -249,7 +263,7 @@ def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
 
 def _check_bounds(f: dataclasses.Field, value: Any, where: str) -> None:
     limits = f.metadata
-    if not limits:
+    if not limits or isinstance(value, (str, bool)):  # bounds are for numbers ("auto" has none)
         return
     checks = [("gt", lambda v, b: v > b, "> "), ("ge", lambda v, b: v >= b, ">= "),
               ("lt", lambda v, b: v < b, "< "), ("le", lambda v, b: v <= b, "<= ")]
