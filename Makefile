@@ -10,6 +10,7 @@ train: $(VENV)/.installed
 	$(PY) -m train
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 $(VENV)/.installed: pyproject.toml

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the miniature-archive builder the tes
 sys.path.insert(0, str(REPO))
 
 from imagenet_archives import make_downloads  # noqa: E402
+
 from train.data.prepare import main as prepare  # noqa: E402
 
 FULL_BYTES = 147_897_477_120 + 6_744_924_160  # the two official image archives

@@ -39,9 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 # The trainer's status after a stop signal, once its checkpoint is written: EX_TEMPFAIL from
 # sysexits.h. It is train.preemption.EXIT_PREEMPTED; this file cannot import torch to read it.
@@ -125,7 +125,8 @@ PRECISION_HINT = "set MIXED_PRECISION=bf16 (Ampere and newer) or fp16 for sbatch
                  "(node_launcher.py: --mixed-precision)"
 
 
-def read_compute_capabilities(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[tuple[int, int]]:
+def read_compute_capabilities(
+        run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> list[tuple[int, int]]:
     """Compute capability of each GPU ``nvidia-smi`` shows; empty where there is no nvidia-smi."""
     command = ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]
     try:
@@ -309,7 +310,7 @@ class SignalForwarder:
         self.received: int | None = None
         self._previous = {}
 
-    def install(self) -> "SignalForwarder":
+    def install(self) -> SignalForwarder:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         # Ctrl-C reaches accelerate's process as well, which stops the workers: keep waiting
@@ -356,7 +357,8 @@ def running_workers(status_dir: Path) -> list[int]:
 
 
 def worker_statuses(status_dir: Path) -> list[int]:
-    return [int(p.read_text()) for p in sorted(status_dir.glob("*.exit")) if p.read_text().strip().lstrip("-").isdigit()]
+    return [int(p.read_text()) for p in sorted(status_dir.glob("*.exit"))
+            if p.read_text().strip().lstrip("-").isdigit()]
 
 
 def wait_for_workers(status_dir: Path, timeout_s: float) -> None:
@@ -433,7 +435,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="instead of deciding from the GPUs' compute capability")
     parser.add_argument("--cpu-processes", type=int, default=None, metavar="N",
                         help="N training processes on this node's CPUs (fp32 unless --mixed-precision); no GPUs")
-    parser.add_argument("--dry-run", action="store_true", help="write and print the config and the plan, launch nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write and print the config and the plan, launch nothing")
     return parser.parse_args(own), train_args
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.data.builtin import CLASS_NAMES, render_image
+from train.data.builtin import render_image
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,8 @@ log_freq = 2
 
 
 def data_toml(data_dir: Path | str, num_classes: int = 3, workers: int = 0) -> str:
-    return f'data_dir = "{data_dir}"\nnum_classes = {num_classes}\n\n[dataloader]\nname = "hf"\nnum_data_workers = {workers}\n'
+    return (f'data_dir = "{data_dir}"\nnum_classes = {num_classes}\n\n'
+            f'[dataloader]\nname = "hf"\nnum_data_workers = {workers}\n')
 
 
 def clean_env(**extra) -> dict:
@@ -83,3 +84,28 @@ def accelerate_launch(num_processes: int, port: int) -> list[str]:
     accelerate = str(Path(sys.executable).parent / "accelerate")
     config = REPO / "accelerate_configs" / ("2xCPU.yaml" if num_processes == 2 else "1xCPU.yaml")
     return [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(port)]
+
+
+TIMING = {"epoch_time_s", "train_time_s", "images_per_s"}
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """metrics.jsonl records without the fields that measure time, which differ between runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def checkpointing_configs(tmp_path: Path, folder: Path, loader: str = "hf", **train_overrides) -> list[str]:
+    """--data-cfg/--train-cfg of a tiny run (4 epochs of 3 steps by default) that checkpoints every 2 steps."""
+    values = {"max_epochs": 4, "lr": 0.02}
+    values.update(train_overrides)
+    data = write(tmp_path / "data.toml", data_toml(folder).replace('name = "hf"', f'name = "{loader}"'))
+    train = write(tmp_path / "train.toml", tiny_train_toml(**values) + "checkpoint_every_steps = 2\n")
+    return ["--data-cfg", str(data), "--train-cfg", str(train)]
+
+
+def uninterrupted_run(folder: Path, tmp: Path, loader: str) -> Path:
+    """The run directory of a tiny checkpointing run that nothing interrupted."""
+    args = checkpointing_configs(tmp, folder, loader) + ["--output-dir", str(tmp / "out")]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr
+    return tmp / "out"

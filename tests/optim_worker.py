@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optim_reference import linear_model, tiny_problem  # noqa: E402
-from train.batchnorm import recompute_running_stats  # noqa: E402
+
 from train.cli import main as train_main  # noqa: E402
 from train.config import SGDSAMConfig  # noqa: E402
 from train.optim import build_optimizer, build_train_step  # noqa: E402
+from train.optim.batchnorm import recompute_running_stats  # noqa: E402
 
 SAM = SGDSAMConfig(momentum=0.9, weight_decay=0.01, rho=0.3, adaptive=False, v2=False)
 LR = 0.1

@@ -130,7 +130,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------------- start, stop
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         """Start munged, slurmctld and slurmd; wait until a step runs. Raises ClusterUnavailable."""
         reason = missing_requirements()
         if reason:

@@ -10,7 +10,8 @@ from helpers import REPO, clean_env, data_toml, tiny_train_toml, write
 def test_step_mode_reports_both_loops_and_their_ratio(tmp_path):
     out = tmp_path / "result.json"
     result = subprocess.run([sys.executable, "-m", "train.benchmark", "--arch", "resnet18", "--batch-size", "4",
-                             "--image-size", "32", "--steps", "2", "--warmup", "1", "--rounds", "2", "--json", str(out)],
+                             "--image-size", "32", "--steps", "2", "--warmup", "1", "--rounds", "2",
+                             "--json", str(out)],
                             cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
@@ -27,10 +28,11 @@ def test_pipeline_mode_reads_real_batches(tmp_path, tiny_folder):
     data = write(tmp_path / "d.toml", data_toml(tiny_folder))
     train = write(tmp_path / "t.toml", tiny_train_toml())
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, "-m", "train.benchmark", "--data-cfg", str(data), "--train-cfg", str(train),
-                             "--steps", "2", "--json", str(out)], cwd=REPO, env=clean_env(), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "train.benchmark", "--data-cfg", str(data),
+                             "--train-cfg", str(train), "--steps", "2", "--json", str(out)],
+                            cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["loader"] == "hf" and figures["bound_by"] in ("data", "compute")
-    assert min(figures["loader_images_per_s"], figures["train_images_per_s"], figures["synthetic_train_images_per_s"]) > 0
+    speeds = ("loader_images_per_s", "train_images_per_s", "synthetic_train_images_per_s")
+    assert min(figures[key] for key in speeds) > 0

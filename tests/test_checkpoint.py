@@ -1,11 +1,9 @@
 """Checkpoints: atomic saves, pruning, automatic resume, exactness after SIGKILL, preemption,
-refused configs, damaged checkpoints, export through timm, the Hub push command and evaluation."""
+refused configs and damaged checkpoints."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,26 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, clean_env, run_train, uninterrupted_run, without_timing
+from helpers import checkpointing_configs as configs
 
-from helpers import REPO, clean_env, data_toml, run_train, tiny_train_toml, write
 from train import checkpoint as ckpt
 from train.cli import main
 from train.preemption import EXIT_PREEMPTED
 from train.rundir import read_metrics
-
-TIMING = {"epoch_time_s", "train_time_s", "images_per_s"}
-
-
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-
-
-def configs(tmp_path, folder, loader="hf", **train_overrides) -> list[str]:
-    values = {"max_epochs": 4, "lr": 0.02}
-    values.update(train_overrides)
-    data = write(tmp_path / "data.toml", data_toml(folder).replace('name = "hf"', f'name = "{loader}"'))
-    train = write(tmp_path / "train.toml", tiny_train_toml(**values) + "checkpoint_every_steps = 2\n")
-    return ["--data-cfg", str(data), "--train-cfg", str(train)]
 
 
 def start_train(args: list[str]) -> subprocess.Popen:
@@ -47,19 +32,6 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None
         assert process.poll() is None, f"training ended early: {process.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
-
-
-def uninterrupted_run(folder, tmp: Path, loader: str) -> Path:
-    """4 epochs of 3 steps, a checkpoint every 2 steps."""
-    args = configs(tmp, folder, loader) + ["--output-dir", str(tmp / "out")]
-    result = run_train(args)
-    assert result.returncode == 0, result.stderr
-    return tmp / "out"
-
-
-@pytest.fixture(scope="module")
-def reference_run(tiny_folder, tmp_path_factory):
-    return uninterrupted_run(tiny_folder, tmp_path_factory.mktemp("reference"), "hf")
 
 
 # ------------------------------------------------------------------------ exact resume
@@ -82,18 +54,20 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_same_metrics(loader, reference_r
     result = run_train(args)  # the same command again
     assert result.returncode == 0, result.stderr
     assert f"resumed from {newest}" in result.stdout
-    assert without_timing(read_metrics(out / "metrics.jsonl")) == without_timing(read_metrics(reference / "metrics.jsonl"))
+    assert without_timing(read_metrics(out / "metrics.jsonl")) == \
+        without_timing(read_metrics(reference / "metrics.jsonl"))
 
 
 def test_kills_at_random_moments_never_leave_a_damaged_checkpoint(tiny_folder, tmp_path):
     """Checkpoints are written after every step, so random kills often land inside a save."""
     out = tmp_path / "out"
-    args = configs(tmp_path, tiny_folder, max_epochs=6) + ["--output-dir", str(out), "--set", "train.log.checkpoint_every_steps=1"]
+    args = configs(tmp_path, tiny_folder, max_epochs=6) + ["--output-dir", str(out),
+                                                           "--set", "train.log.checkpoint_every_steps=1"]
     rng = random.Random(1234)
-    for attempt in range(3):
+    for _ in range(3):
         process = start_train(args)
         first = ckpt.latest_valid_checkpoint(out)
-        wait_for(lambda: ckpt.latest_valid_checkpoint(out) not in (None, first), process)
+        wait_for(lambda first=first: ckpt.latest_valid_checkpoint(out) not in (None, first), process)
         time.sleep(rng.uniform(0.0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.communicate()
@@ -122,7 +96,8 @@ def test_a_save_interrupted_before_its_rename_leaves_the_previous_checkpoint(ref
     trainer = ckpt.read_trainer_state(before)
     fake_accelerator = type("A", (), {"is_main_process": True, "process_index": 0,
                                       "wait_for_everyone": lambda self: None,
-                                      "save_state": lambda self, path: Path(path, "model.safetensors").write_bytes(b"x")})()
+                                      "save_state": lambda self, path: Path(path, "model.safetensors")
+                                      .write_bytes(b"x")})()
     scheduler = type("S", (), {"state_dict": lambda self: {}})()
     with pytest.raises(Boom):
         ckpt.save(fake_accelerator, run, ckpt.TrainerState(epoch=trainer.epoch, step=trainer.step + 100),
@@ -149,7 +124,8 @@ def test_sigterm_checkpoints_and_exits_with_the_preempted_status(reference_run, 
     assert saved is not None and not (out / "model").exists()
     result = run_train(args)
     assert result.returncode == 0, result.stderr
-    assert without_timing(read_metrics(out / "metrics.jsonl")) == without_timing(read_metrics(reference_run / "metrics.jsonl"))
+    assert without_timing(read_metrics(out / "metrics.jsonl")) == \
+        without_timing(read_metrics(reference_run / "metrics.jsonl"))
 
 
 # ----------------------------------------------------------------------- resume rules
@@ -184,8 +160,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, tiny_fol
     run = tmp_path / "run"
     args = configs(tmp_path, tiny_folder, max_epochs=1) + ["--output-dir", str(run)]
     run.mkdir()
-    from train.config import load_config, to_dict
     import tomli_w
+
+    from train.config import load_config, to_dict
     (run / "config.toml").write_text(tomli_w.dumps(to_dict(load_config(args[1], args[3]))))
     (run / "metrics.jsonl").write_text('{"epoch": 99}\n')  # partial output of the killed attempt
     assert main(args) == 0
@@ -206,6 +183,16 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(reference_run, t
     assert f"checkpoint {newest} is damaged" in out and f"resumed from {previous}" in out
 
 
+def test_the_resume_line_names_the_checkpoints_own_step(reference_run, tmp_path, tiny_folder, capsys):
+    """3 steps per epoch, a checkpoint every 2: 00000010 is epoch 4 after its first batch."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    checkpoint = run / "checkpoints" / "00000010"
+    assert main(configs(tmp_path, tiny_folder) + ["--output-dir", str(run), "--resume", str(checkpoint)]) == 0
+    assert f"resumed from {checkpoint}: epoch 4, batch 1, step 10\n" in capsys.readouterr().out
+
+
 def test_explicit_resume_of_an_unusable_checkpoint_is_an_error(tmp_path, tiny_folder, capsys):
     args = configs(tmp_path, tiny_folder) + ["--output-dir", str(tmp_path / "r"), "--resume", str(tmp_path)]
     assert main(args) == 2
@@ -224,80 +211,3 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
     # 9 and 10 are newest; 5 is the best (a tie with 4 goes to the later one); 7 carries 6's
     # accuracy but not its weights, so it cannot be the best.
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["00000005", "00000009", "00000010"]
-
-
-# ---------------------------------------------------------------- export, Hub, evaluate
-
-
-def test_exported_model_loads_through_timm_and_reproduces_the_accuracy(reference_run, tiny_folder, tmp_path):
-    import timm
-    model_dir = reference_run / "model"
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["architecture"] == "resnet18" and config["num_classes"] == 3
-    assert config["label_names"] == ["n00000000", "n00000001", "n00000002"]
-    assert config["pretrained_cfg"]["crop_pct"] == pytest.approx(32 / 36)
-    assert "val_acc1" not in (model_dir / "README.md").read_text() and "python -m train" in (model_dir / "README.md").read_text()
-    model = timm.create_model(f"local-dir:{model_dir}", pretrained=True)
-    assert model.num_classes == 3 and tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
-
-    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
-    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(model_dir), "--data-cfg", str(data),
-                             "--label-smoothing", "0.1", "--batch-size", "8"], cwd=REPO, env=clean_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    last = read_metrics(reference_run / "metrics.jsonl")[-1]
-    assert f"top-1 {last['val_acc1']:.2f}%" in result.stdout and f"top-5 {last['val_acc5']:.2f}%" in result.stdout
-    assert f"loss {last['val_loss']:.4f}" in result.stdout and "(15 images)" in result.stdout
-
-
-def test_evaluate_can_recalibrate_batchnorm_first(reference_run, tiny_folder, tmp_path):
-    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
-    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(reference_run / "model"), "--data-cfg",
-                             str(data), "--batch-size", "8", "--recalibrate-bn", "16"],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "recomputed over 16 training images" in result.stdout and "(15 images)" in result.stdout
-
-
-def test_evaluate_reports_a_missing_model_folder_in_one_line(tmp_path, tiny_folder):
-    from train.evaluate import main as evaluate_main
-    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
-    assert evaluate_main([str(tmp_path / "nothing"), "--data-cfg", str(data)]) == 2
-
-
-def test_export_command_turns_a_checkpoint_into_a_model_folder(reference_run, tmp_path):
-    import timm
-    import torch
-    first = ckpt.list_checkpoints(reference_run)[-1]
-    from train.export import main as export_main
-    assert export_main([str(first), "--output", str(tmp_path / "m")]) == 0
-    a = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
-    b = timm.create_model(f"local-dir:{reference_run / 'model'}", pretrained=True).eval()
-    x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(a(x), b(x))  # the last checkpoint holds the final weights
-
-
-def digest(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def test_push_dry_run_lists_files_without_network(reference_run):
-    result = subprocess.run([sys.executable, "-m", "train.hub", str(reference_run / "model"), "--repo-id", "me/resnet18",
-                             "--private", "--dry-run"], env=clean_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "would upload 3 files to private repo me/resnet18" in result.stdout
-    assert "model.safetensors" in result.stdout and "config.json" in result.stdout and "README.md" in result.stdout
-
-
-@pytest.mark.parametrize("env, expected", [
-    ({"HF_TOKEN": "hf_not_a_real_token", "HF_HUB_OFFLINE": "1"}, "push to 'me/resnet18' failed"),
-    ({"HF_TOKEN": ""}, "no Hugging Face token"),
-])
-def test_push_without_network_or_token_is_one_line_and_touches_nothing(reference_run, tmp_path, env, expected):
-    before = digest(reference_run / "model")
-    environment = clean_env(HF_HOME=str(tmp_path / "hf"), **env)
-    result = subprocess.run([sys.executable, "-m", "train.hub", str(reference_run / "model"), "--repo-id", "me/resnet18"],
-                            env=environment, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0] and "hf_not_a_real_token" not in result.stderr
-    assert digest(reference_run / "model") == before

@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import data_toml, make_image_folder, run_train, tiny_train_toml, write
+
 from train import checkpoint as ckpt
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig, UserError
-from train.data import build_loaders, convert
+from train.data import build_loaders
 from train.data.classes import CLASS_TABLE, class_descriptions, read_class_table, write_class_table
 from train.data.shards import MANIFEST, open_shard_set
+from train.dataset_tools import convert
 
 WNIDS = ["n00000000", "n00000001", "n00000002"]
 NAMES = ["tench, Tinca tinca", "goldfish, Carassius auratus", "crème brûlée"]  # non-ASCII on purpose

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
-
 from helpers import REPO, data_toml, tiny_train_toml, write
+
 from train.cli import main
-from train.config import (ConfigError, CosineScheduleConfig, SGDConfig, load_config, parse_override,
-                          read_toml, to_dict)
+from train.config import (
+    ConfigError,
+    CosineScheduleConfig,
+    SGDConfig,
+    _bounds,
+    _build,
+    load_config,
+    parse_override,
+    to_dict,
+)
 
 
 @pytest.fixture
@@ -141,11 +151,13 @@ def test_shipped_train_configs_are_valid_and_keep_the_seed_recipe(name):
     config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
     t = config.train
     assert (t.batch_size, t.max_epochs, t.label_smoothing) == (1024, 90, 0.1)
-    assert (t.preprocess.val_image_size, t.preprocess.val_crop_size, t.preprocess.interpolation) == (256, 224, "bilinear")
+    p = t.preprocess
+    assert (p.val_image_size, p.val_crop_size, p.interpolation) == (256, 224, "bilinear")
     if name != "vit_base_16":
         assert t.preprocess.train_crop_size == 176
     if name == "resnet50-sf-sgd":
-        assert (t.lr, t.optim.momentum, t.optim.weight_decay, t.optim.r, t.optim.weight_lr_power) == (10, 0.9, 5e-5, 0.75, 2)
+        o = t.optim
+        assert (t.lr, o.momentum, o.weight_decay, o.r, o.weight_lr_power) == (10, 0.9, 5e-5, 0.75, 2)
         assert t.lr_scheduler.name == "constant"
     else:
         assert (t.lr_scheduler.warmup_epochs, t.lr_scheduler.warmup_decay) == (5, 0.01)
@@ -160,8 +172,9 @@ def test_shipped_train_configs_are_valid_and_keep_the_seed_recipe(name):
 
 
 def test_shipped_data_configs():
-    assert load_config(REPO / "configs/data/imagenet.toml", REPO / "configs/train/resnet50-sgd.toml").data.dataloader.name == "dali"
-    assert load_config(REPO / "configs/data/imagenet-hf.toml", REPO / "configs/train/resnet50-sgd.toml").data.dataloader.name == "hf"
+    train = REPO / "configs/train/resnet50-sgd.toml"
+    assert load_config(REPO / "configs/data/imagenet.toml", train).data.dataloader.name == "dali"
+    assert load_config(REPO / "configs/data/imagenet-hf.toml", train).data.dataloader.name == "hf"
 
 
 def test_written_config_reloads_to_the_same_values(files, tmp_path):
@@ -203,3 +216,20 @@ def test_cli_reports_syntax_error(capsys, files, tmp_path):
     broken = write(tmp_path / "b.toml", "[optim\n")
     err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(broken)])
     assert "line 1, column" in err
+
+
+def test_a_key_may_take_a_number_or_a_word_such_as_auto():
+    """Keys like `micro_batch_size = 32 | "auto"` are checked against both choices, bounds for the number."""
+    @dataclass
+    class Section:
+        size: int | Literal["auto"] = _bounds("auto", gt=0)
+        switch: bool | Literal["auto"] = "auto"
+
+    assert _build(Section, {"size": 32, "switch": False}, "t", "f.toml") == Section(32, False)
+    assert _build(Section, {"size": "auto", "switch": "auto"}, "t", "f.toml") == Section("auto", "auto")
+    for raw, message in [({"size": "big"}, "f.toml: t.size must be an integer or 'auto', got 'big'"),
+                         ({"size": 0}, "f.toml: t.size must be > 0, got 0"),
+                         ({"size": True}, "t.size must be an integer or 'auto', got true"),
+                         ({"switch": 1}, "f.toml: t.switch must be true or false or 'auto', got 1")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            _build(Section, raw, "t", "f.toml")

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from helpers import make_image_folder
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
+
 import train.data
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig, UserError
-from train.data import build_loaders, check_supported
-from train.data.convert import convert
-from train.data import dali
+from train.data import build_loaders, check_supported, dali
 from train.data.dali import DaliTrainLoader, FolderSource, PipelineSpec, define_pipeline
 from train.data.folder import DataError
 from train.data.shards import index_path
-from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from train.dataset_tools.convert import convert
 
 PREPROCESS = PreprocessConfig(train_crop_size=16, val_image_size=20, val_crop_size=16)
 STEP = 16  # colour levels between image numbers; JPEG moves a flat colour by 1 or 2 levels
@@ -165,8 +165,8 @@ def test_class_order_and_validation_images_agree_with_the_hf_loader(tmp_path):
     root = make_colour_folder(tmp_path / "d", classes=["b_cls", "a_cls", "C_cls"])
     dali, hf = loaders(root), loaders(root, name="hf", workers=0)
     assert dali.class_names == hf.class_names == ("C_cls", "a_cls", "b_cls")
-    dali_val = [(numbers_of(i), l.tolist()) for i, l in dali.val]
-    hf_val = [(numbers_of(i), l.tolist()) for i, l in hf.val]
+    dali_val = [(numbers_of(images), labels.tolist()) for images, labels in dali.val]
+    hf_val = [(numbers_of(images), labels.tolist()) for images, labels in hf.val]
     assert dali_val == hf_val  # same images, same order, same labels
     dali_images = torch.cat([i for i, _ in dali.val])
     hf_images = torch.cat([i for i, _ in hf.val])
@@ -228,7 +228,7 @@ def test_gpu_decoding_gives_cuda_batches(colour_folder):
     images, labels = next(iter(built.train))
     assert images.device.type == "cuda" and images.shape == (4, 3, 16, 16)
     assert labels.tolist() == [TRAIN_LABELS[n] for n in numbers_of(images.cpu())]
-    assert sum(len(l) for _, l in built.val) == 15
+    assert sum(len(labels) for _, labels in built.val) == 15
 
 
 # ----------------------------------------------------------------- mid-epoch save/restore

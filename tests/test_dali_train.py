@@ -4,10 +4,10 @@ one and two processes, metrics read back."""
 from __future__ import annotations
 
 import pytest
-
 from helpers import accelerate_launch, data_toml, make_image_folder, run_train, tiny_train_toml, write
+
 from train.cli import main
-from train.data.convert import convert
+from train.dataset_tools.convert import convert
 from train.rundir import read_metrics
 
 CPU_LINE = "DALI: no CUDA device, so every operator runs on the CPU"

@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import make_image_folder
 from PIL import Image
 
-from helpers import make_image_folder
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig
 from train.data import build_loaders, check_supported
 from train.data.folder import DataError, scan_image_folder
@@ -161,7 +161,8 @@ def make_image_like():
 
 
 def test_hf_loader_batches(tiny_folder):
-    data = DataConfig(data_dir=str(tiny_folder), num_classes=3, dataloader=DataloaderConfig(name="hf", num_data_workers=1))
+    data = DataConfig(data_dir=str(tiny_folder), num_classes=3,
+                      dataloader=DataloaderConfig(name="hf", num_data_workers=1))
     loaders = build_loaders(data, PREPROCESS, per_process_batch=4, num_processes=1, rank=0, seed=0, pin_memory=False)
     assert (loaders.num_train, loaders.num_val, loaders.steps_per_epoch) == (24, 15, 6)
     images, labels = next(iter(loaders.train))
@@ -183,7 +184,8 @@ def test_hf_loader_names_an_undecodable_file(tmp_path):
 
 
 def test_fewer_images_than_one_batch(tiny_folder):
-    data = DataConfig(data_dir=str(tiny_folder), num_classes=3, dataloader=DataloaderConfig(name="hf", num_data_workers=0))
+    data = DataConfig(data_dir=str(tiny_folder), num_classes=3,
+                      dataloader=DataloaderConfig(name="hf", num_data_workers=0))
     with pytest.raises(DataError, match="fewer than one global batch"):
         build_loaders(data, PREPROCESS, 32, 1, 0, seed=0, pin_memory=False)
 

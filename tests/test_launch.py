@@ -20,16 +20,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-
 from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
+
 from train.config import UserError, load_config
 from train.models import build_model, use_sync_batchnorm
 from train.preemption import EXIT_PREEMPTED

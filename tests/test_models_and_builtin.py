@@ -33,7 +33,9 @@ def test_fixed_size_models_accept_train_and_val_crops_that_differ():
 
 
 def test_generated_images_are_deterministic_and_differ_between_seeds():
-    digest = lambda image: hashlib.sha256(image.tobytes()).hexdigest()
+    def digest(image):
+        return hashlib.sha256(image.tobytes()).hexdigest()
+
     assert digest(render_image(3, 11)) == digest(render_image(3, 11))
     assert digest(render_image(3, 11)) != digest(render_image(3, 12))
 

@@ -7,8 +7,15 @@ import schedulefree
 import timm
 import torch
 
-from train.config import (AdamConfig, AdamWConfig, AdamWScheduleFreeConfig, OptimConfig, SGDConfig, SGDSAMConfig,
-                          SGDScheduleFreeConfig)
+from train.config import (
+    AdamConfig,
+    AdamWConfig,
+    AdamWScheduleFreeConfig,
+    OptimConfig,
+    SGDConfig,
+    SGDSAMConfig,
+    SGDScheduleFreeConfig,
+)
 from train.optim import OPTIMIZERS, build_optimizer, param_groups
 
 
@@ -19,19 +26,45 @@ def test_no_weight_decay_on_normalization_and_bias_parameters():
     decay_ids = {id(p) for p in decay["params"]}
     no_decay_ids = {id(p) for p in no_decay["params"]}
     for name, p in model.named_parameters():
-        if isinstance(dict(model.named_modules())[name.rsplit(".", 1)[0]], torch.nn.BatchNorm2d) or name.endswith(".bias"):
+        owner = dict(model.named_modules())[name.rsplit(".", 1)[0]]
+        if isinstance(owner, torch.nn.BatchNorm2d) or name.endswith(".bias"):
             assert id(p) in no_decay_ids, name
         else:
             assert id(p) in decay_ids, name
     assert len(decay_ids) + len(no_decay_ids) == len(list(model.parameters()))
 
 
-def test_grouping_is_by_shape_not_name():
+def test_one_dimensional_parameters_are_exempt_whatever_their_name():
     model = torch.nn.Module()
     model.oddly_named_scale = torch.nn.Parameter(torch.ones(4))  # 1-D: a norm-like parameter
-    model.bias_looking_matrix = torch.nn.Parameter(torch.ones(4, 4))  # 2-D: decayed whatever its name
+    model.bias_looking_matrix = torch.nn.Parameter(torch.ones(4, 4))  # 2-D and not "<...>.bias": decayed
     decay, no_decay = param_groups(model, 0.5)
     assert decay["params"] == [model.bias_looking_matrix] and no_decay["params"] == [model.oddly_named_scale]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg16", "vgg16_bn"])
+def test_resnet_and_vgg_groups_are_those_of_the_shape_rule(arch):
+    """Using timm's grouping changed nothing for these models: decay exactly on the parameters
+    of two or more dimensions, in the same order (checkpoints store the state by position)."""
+    model = timm.create_model(arch, num_classes=10)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["params"] == [p for p in model.parameters() if p.ndim > 1]
+    assert no_decay["params"] == [p for p in model.parameters() if p.ndim <= 1]
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32)
+    named = dict(model.named_parameters())
+    decay, no_decay = param_groups(model, 0.3)
+    exempt = {id(p) for p in no_decay["params"]}
+    assert id(named["pos_embed"]) in exempt and id(named["cls_token"]) in exempt  # 3-D, named by no_weight_decay()
+    assert id(named["patch_embed.proj.weight"]) not in exempt and id(named["blocks.0.norm1.weight"]) in exempt
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+def test_both_groups_exist_without_weight_decay():
+    decay, no_decay = param_groups(torch.nn.Linear(3, 2), 0.0)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.0, 0.0) and len(decay["params"]) == 1
 
 
 @pytest.mark.parametrize("cfg, cls", [(SGDConfig(momentum=0.8, nesterov=True), torch.optim.SGD),

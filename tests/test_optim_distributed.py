@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, accelerate_launch, clean_env, data_toml, tiny_train_toml, write
 from optim_reference import SGDReference, gradient, sam_e, tiny_problem
+
 from train.rundir import read_metrics
 
 WORKER = Path(__file__).resolve().parent / "optim_worker.py"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from helpers import REPO
+
 from train.cli import BUILTIN_DATA, main
 from train.config import load_config
 from train.optim import check_supported

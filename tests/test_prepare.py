@@ -16,16 +16,23 @@ from pathlib import Path
 
 import pytest
 import torchvision
+from helpers import REPO
+from imagenet_archives import (
+    CLASSES,
+    VAL_IDS,
+    WNID_BY_ID,
+    devkit_tar_gz,
+    extract_downloads,
+    make_downloads,
+    meta_mat,
+    tar_bytes,
+)
 
-import train.data.extract as extract
-import train.data.imagenet as imagenet
-from imagenet_archives import (CLASSES, VAL_IDS, WNID_BY_ID, devkit_tar_gz, extract_downloads, make_downloads,
-                               meta_mat, tar_bytes)
+import train.dataset_tools.extract as extract
+import train.dataset_tools.imagenet as imagenet
 from train.data.classes import read_class_table
 from train.data.folder import DataError, scan_image_folder
-from train.data.prepare import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_USER_ERROR, main
-
-from helpers import REPO
+from train.dataset_tools.prepare import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_USER_ERROR, main
 
 WNIDS = sorted(c[0] for c in CLASSES)
 

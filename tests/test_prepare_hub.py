@@ -22,13 +22,13 @@ import datasets
 import huggingface_hub
 import pytest
 import torch
+from helpers import REPO, write
 from PIL import Image
 
-from helpers import REPO, write
 from train.config import DataloaderConfig, PreprocessConfig, load_data_config
 from train.data import build_loaders
 from train.data.hf import hub_tables
-from train.data.hub_source import HubSourceError, add_hub_arguments, check_free_space, run_hub
+from train.dataset_tools.hub_source import HubSourceError, add_hub_arguments, check_free_space, run_hub
 
 PREPROCESS = PreprocessConfig(train_crop_size=32, val_image_size=36, val_crop_size=32)
 CLASSES = ("cat", "dog", "fox")
@@ -245,7 +245,7 @@ def test_hub_refusals_are_one_line_each_and_never_show_the_token(tmp_path):
                HF_HUB_DISABLE_TELEMETRY="1")
     script = ("import argparse, json, sys\n"
               "from train.config import UserError\n"
-              "from train.data.hub_source import add_hub_arguments, run_hub\n"
+              "from train.dataset_tools.hub_source import add_hub_arguments, run_hub\n"
               "parser = argparse.ArgumentParser()\n"
               "add_hub_arguments(parser)\n"
               "for argv in json.loads(sys.argv[1]):\n"

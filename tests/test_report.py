@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, clean_env, data_toml, tiny_train_toml, write
 from PIL import Image
 
-from helpers import REPO, clean_env, data_toml, tiny_train_toml, write
 from train.config import load_config
 from train.report import PLOTS, curve, find_run_dirs, group_labels, group_runs, load_run, main
 from train.rundir import write_config

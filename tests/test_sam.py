@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-
 from optim_reference import gradient, linear_model, sam_v1_trajectory, sam_v2_trajectory, tiny_problem
+
 from train.config import SGDConfig, SGDSAMConfig
 from train.optim import build_optimizer, build_train_step
-from train.sam import PREVIOUS_GRAD, perturbation
+from train.optim.sam import PREVIOUS_GRAD, perturbation
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 0.01
 

@@ -8,13 +8,12 @@ import io
 import pytest
 import torch
 from accelerate import Accelerator
-
 from optim_reference import linear_model, schedule_free_trajectory, tiny_problem
-from train.batchnorm import recompute_running_stats
+
 from train.config import AdamWScheduleFreeConfig, DataConfig, PreprocessConfig, SGDScheduleFreeConfig, UserError
 from train.data import build_loaders
-from train.loop import enter_training, eval_weights
-from train.optim import build_optimizer, build_train_step, check_supported, reported_lr
+from train.optim import build_optimizer, build_train_step, check_supported, evaluation_weights, reported_lr
+from train.optim.batchnorm import recompute_running_stats
 
 LR, STEPS_PER_EPOCH = 0.2, 10
 SGD_SF = SGDScheduleFreeConfig(momentum=0.8, weight_decay=0.05, warmup_epochs=0.3, r=0.75, weight_lr_power=2.0)
@@ -46,13 +45,16 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_schedule_free_trains_at_y_evaluates_at_x_and_reports_the_warmed_up_lr(cfg):
     weight, bias, batches = tiny_problem(steps=5)
     step, model, optimizer = prepared(linear_model(weight, bias), cfg)
-    enter_training(model, optimizer)
-    for (x, t), (y_ref, x_ref, lr_ref) in zip(batches, reference(cfg, weight, bias, batches)):
+    weights = evaluation_weights(cfg, optimizer)
+    weights.before_training()
+    trajectory = reference(cfg, weight, bias, batches)
+    for (x, t), (y_ref, _, lr_ref) in zip(batches, trajectory):
         step(x, t)
         close(model.weight, y_ref[0])
         close(model.bias, y_ref[1])
         assert reported_lr(optimizer) == pytest.approx(lr_ref)
-    with eval_weights(optimizer):
+    x_ref = trajectory[-1][1]  # the average after the last step
+    with weights.while_saving():
         close(model.weight, x_ref[0])
         close(model.bias, x_ref[1])
     close(model.weight, y_ref[0])  # back to the trained weights
@@ -61,10 +63,11 @@ def test_schedule_free_trains_at_y_evaluates_at_x_and_reports_the_warmed_up_lr(c
 def test_checkpoints_hold_the_evaluation_weights_and_resume_in_training_mode():
     weight, bias, batches = tiny_problem(steps=4)
     step, model, optimizer = prepared(linear_model(weight, bias), SGD_SF)
-    enter_training(model, optimizer)
+    weights = evaluation_weights(SGD_SF, optimizer)
+    weights.before_training()
     for x, t in batches[:3]:
         step(x, t)
-    with eval_weights(optimizer):
+    with weights.while_saving():
         buffer = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
     x_ref = reference(SGD_SF, weight, bias, batches[:3])[-1][1]
@@ -76,7 +79,7 @@ def test_checkpoints_hold_the_evaluation_weights_and_resume_in_training_mode():
     resumed_step, resumed_model, resumed_optimizer = prepared(linear_model(weight * 0, bias * 0), SGD_SF)
     resumed_model.load_state_dict(saved["model"])
     resumed_optimizer.load_state_dict(saved["optimizer"])
-    enter_training(resumed_model, resumed_optimizer)
+    evaluation_weights(SGD_SF, resumed_optimizer).before_training()
     resumed_step(*batches[3])
     assert torch.equal(resumed_model.weight, model.weight) and torch.equal(resumed_model.bias, model.bias)
 

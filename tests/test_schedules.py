@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from train.config import ConstantScheduleConfig, CosineScheduleConfig
-from train.schedules import build_schedule, cosine_with_warmup, lr_function
+from train.optim.schedules import build_schedule, cosine_with_warmup, lr_function
 
 
 def test_cosine_warmup_starts_at_decay_fraction_and_reaches_peak():

@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from helpers import REPO, clean_env, data_toml, make_image_folder, tiny_train_toml, write
+from helpers import REPO, clean_env, data_toml, make_image_folder, tiny_train_toml, without_timing, write
 from slurm_cluster import ClusterUnavailable, SlurmCluster, missing_requirements
+
 from train.rundir import read_metrics
 
 REQUIRE_ENV = "REQUIRE_REAL_SLURM"
 EPOCHS = 6
-TIMING = {"epoch_time_s", "train_time_s", "images_per_s"}
 JOB_TIMEOUT_S = 900  # each scenario, start to end, on a loaded 2-core machine
 
 
@@ -173,10 +172,6 @@ def jobs(cluster, tmp_path_factory) -> dict[str, tuple[Job, Future]]:
 def outcome(jobs, name: str) -> tuple[Job, dict[str, str]]:
     job, future = jobs[name]
     return job, future.result(timeout=JOB_TIMEOUT_S)
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 # ------------------------------------------------------------------------------ the tests

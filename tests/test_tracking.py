@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
 from train import checkpoint as ckpt
 from train.progress import EpochProgress, format_duration
 from train.rundir import read_metrics
@@ -48,7 +48,8 @@ def hyperparameters(run_dir: Path) -> dict:
     accumulator.Reload()
     content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind")) for key, value in hparams.items()}
+    return {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for key, value in hparams.items()}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,8 @@ def test_output_without_a_terminal_has_no_carriage_returns_and_ends_with_a_summa
     assert "finished: epoch 2/2, 6 steps" in summary
     last = read_metrics(out / "metrics.jsonl")[-1]
     assert f"top-1 {last['val_acc1']:.2f}%" in summary and f"top-5 {last['val_acc5']:.2f}%" in summary
-    for where in (out.resolve(), out.resolve() / "checkpoints", out.resolve() / "model", out.resolve() / TRACKER_FOLDER):
+    run = out.resolve()
+    for where in (run, run / "checkpoints", run / "model", run / TRACKER_FOLDER):
         assert str(where) in summary
     assert "00000006" in summary  # the checkpoints kept are named
     assert len(summary.splitlines()) <= 12  # one screen

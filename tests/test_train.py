@@ -5,8 +5,8 @@ from __future__ import annotations
 import tomllib
 
 import pytest
-
 from helpers import accelerate_launch, data_toml, make_image_folder, run_train, tiny_train_toml, write
+
 from train.cli import main
 from train.rundir import read_metrics
 
@@ -31,7 +31,8 @@ def two_runs(tiny_folder, tmp_path_factory):
     runs = []
     for name in ("a", "b"):
         tmp = tmp_path_factory.mktemp(f"run_{name}")
-        args = tiny_configs(tmp, tiny_folder, max_epochs=2) + ["--output-dir", str(tmp / "out"), "--set", "train.lr=0.02"]
+        args = tiny_configs(tmp, tiny_folder, max_epochs=2) + ["--output-dir", str(tmp / "out"),
+                                                               "--set", "train.lr=0.02"]
         result = run_train(args)
         assert result.returncode == 0, result.stderr
         runs.append((tmp / "out", result))
@@ -61,8 +62,8 @@ def test_same_seed_gives_same_metrics(two_runs):
 
 
 def test_other_seed_gives_other_metrics(two_runs, tiny_folder, tmp_path):
-    args = tiny_configs(tmp_path, tiny_folder, max_epochs=2) + ["--output-dir", str(tmp_path / "out"),
-                                                                 "--set", "train.lr=0.02", "--set", "train.reproduce.seed=4"]
+    args = tiny_configs(tmp_path, tiny_folder, max_epochs=2) + [
+        "--output-dir", str(tmp_path / "out"), "--set", "train.lr=0.02", "--set", "train.reproduce.seed=4"]
     assert run_train(args).returncode == 0
     other = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert other[-1]["train_loss"] != read_metrics(two_runs[0][0] / "metrics.jsonl")[-1]["train_loss"]
@@ -118,7 +119,8 @@ def test_bad_data_folders_are_one_line_errors(capsys, tmp_path, breakage, expect
         num_classes = 4
     data = write(tmp_path / "data.toml", data_toml(root, num_classes=num_classes))
     train = write(tmp_path / "train.toml", tiny_train_toml())
-    err = one_line_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(train), "--output-dir", str(tmp_path / "o")])
+    err = one_line_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(train),
+                                  "--output-dir", str(tmp_path / "o")])
     assert expected in err
 
 

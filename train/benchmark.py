@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .config import SGDConfig, UserError, load_config
-from .data import build_loaders, check_supported, resolve_data_dir
-from .loop import to_device
+from .config import CosineScheduleConfig, SGDConfig, load_config
+from .data import build_loaders, check_supported, resolve_data_dir, to_device
+from .errors import UserError, report_error
 from .models import build_model
-from .optim import build_optimizer, build_train_step
-from .schedules import build_schedule
+from .optim import build_optimizer, build_schedule, build_train_step
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A40": 149.7, "L40S": 362.0, "V100": 125.0, "T4": 65.0}
@@ -72,7 +71,6 @@ class ProjectStep:
             model = model.to(memory_format=torch.channels_last)
         optim_cfg = SGDConfig(momentum=0.9, weight_decay=1e-4)
         optimizer = build_optimizer(model, optim_cfg, lr, steps_per_epoch)
-        from .config import CosineScheduleConfig
         self.scheduler = build_schedule(optimizer, CosineScheduleConfig(), lr, steps_per_epoch, 10)
         self.model, optimizer = accelerator.prepare(model, optimizer)
         self.step = build_train_step(optim_cfg, self.model, optimizer, torch.nn.CrossEntropyLoss(), accelerator, 0.0)
@@ -228,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = step_mode(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     for key, value in result.items():
         shown = f"{value:.4g}" if isinstance(value, float) else (
             ", ".join(f"{v:.1f}" for v in value) if isinstance(value, list) else value)

@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import shutil
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import tomllib
-
-from .config import UserError
+from .config import flatten
+from .errors import UserError
+from .files import write_json
 
 LOG = logging.getLogger("train")
 
@@ -89,10 +90,6 @@ def _fsync_tree(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=1), encoding="utf-8")
-
-
 def write_manifest(folder: Path) -> None:
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
@@ -151,7 +148,11 @@ def read_epoch_state(folder: Path, rank: int) -> EpochState:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoints and the best by validation top-1."""
+    """Keep the newest ``keep_last`` checkpoints and the best by validation top-1.
+
+    Our own rather than Accelerate's ``ProjectConfiguration(total_limit=...)``, which keeps
+    the newest only and would delete the best checkpoint of a run that later got worse.
+    """
     folders = list_checkpoints(run_dir)
     keep = set(folders[-keep_last:])
     scored = []
@@ -222,17 +223,6 @@ def load(accelerator, folder: Path, scheduler) -> tuple[TrainerState, EpochState
 
 
 # -------------------------------------------------------------------- resume decision
-
-
-def flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def config_differences(old: dict, new: dict) -> list[str]:

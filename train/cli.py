@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 from . import data, models, optim
-from .config import UserError, describe_source, load_config
-from .loop import RunOptions, run
+from .config import describe_source, load_config
+from .errors import EXIT_USER_ERROR, UserError, first_line
+from .loop import fit
 from .preemption import EXIT_PREEMPTED, Preempted
+from .startup import RunOptions
 
 DEFAULTS = Path(__file__).parent / "defaults"
 BUILTIN_DATA = DEFAULTS / "builtin-data.toml"
 BUILTIN_TRAIN = DEFAULTS / "builtin-train.toml"
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,21 +44,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _one_line(exc: BaseException) -> str:
-    """The user-facing line of an error, also when a DataLoader worker re-raised it.
-
-    A worker's exception comes back as 'Caught X in DataLoader worker ...' followed by the
-    original traceback, whose last line is 'module.X: message'.
-    """
-    text = str(exc).strip()
-    lines = text.splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        last = lines[-1]
-        name = type(exc).__name__
-        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
-    return lines[0] if lines else type(exc).__name__
-
-
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -76,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         # Every process validates the same files and fails alike: one report is enough.
         if _is_main_process():
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {first_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
     options = RunOptions(output_dir=args.output_dir, job_id=os.environ.get("SLURM_JOB_ID") or None,
                          launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None,
                          resume=args.resume, command=" ".join(["python -m train", *map(shlex.quote, argv_used)]))
     try:
-        run(config, options)
+        fit(config, options)
     except Preempted as exc:
         if _is_main_process():
             print(f"preempted: {exc}; checkpoint written, exiting with status {EXIT_PREEMPTED} "
@@ -93,6 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         # Problems found while reading data may concern one process only: each reports.
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"error: {prefix}{_one_line(exc)}", file=sys.stderr)
+        print(f"error: {prefix}{first_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

@@ -12,19 +12,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import sys
+import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - requires-python is 3.11, kept for the tomli fallback
-    import tomli as tomllib
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line and exit status 2, no traceback."""
+from .errors import UserError
 
 
 class ConfigError(UserError):
@@ -140,7 +134,8 @@ class SGDSAMConfig:
     v2: bool = True  # single-step SAM; false is the original two-step SAM
 
 
-OptimConfig = Union[SGDConfig, AdamConfig, AdamWConfig, SGDScheduleFreeConfig,
+# typing.Union rather than "|": _union_members recognises tagged unions by it.
+OptimConfig = Union[SGDConfig, AdamConfig, AdamWConfig, SGDScheduleFreeConfig,  # noqa: UP007
                     AdamWScheduleFreeConfig, SGDSAMConfig]
 
 
@@ -157,7 +152,7 @@ class ConstantScheduleConfig:
     name: Literal["constant"] = "constant"
 
 
-ScheduleConfig = Union[CosineScheduleConfig, ConstantScheduleConfig]
+ScheduleConfig = Union[CosineScheduleConfig, ConstantScheduleConfig]  # noqa: UP007
 
 
 @dataclass
@@ -184,7 +179,7 @@ class TrainConfig:
     lr: float = _bounds(1e-3, gt=0)
     label_smoothing: float = _bounds(0.1, ge=0, lt=1)
     grad_clip_norm: float = _bounds(0.0, ge=0)  # 0 disables clipping
-    # The seed's (never implemented) resume path; resuming is an issue of its own here.
+    # The seed's key for a checkpoint to start from; accepted only empty (see --resume).
     checkpoint_dir: str = ""
     arch: str = "resnet50"
     use_amp: bool = True  # false forces fp32 whatever the launcher asks for
@@ -236,7 +231,20 @@ def _fmt(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _describe_type(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(map(repr, get_args(tp)))
+    return _TYPE_NAMES[tp]
+
+
 def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):  # a choice such as `int | Literal["auto"]`
+        for member in get_args(tp):
+            try:
+                return _convert_scalar(member, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be {' or '.join(_describe_type(m) for m in get_args(tp))}, got {_fmt(value)}")
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -255,7 +263,7 @@ def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
 
 def _check_bounds(f: dataclasses.Field, value: Any, where: str) -> None:
     limits = f.metadata
-    if not limits:
+    if not limits or isinstance(value, (str, bool)):  # bounds are for numbers ("auto" has none)
         return
     checks = [("gt", lambda v, b: v > b, "> "), ("ge", lambda v, b: v >= b, ">= "),
               ("lt", lambda v, b: v < b, "< "), ("le", lambda v, b: v <= b, "<= ")]
@@ -322,10 +330,14 @@ def read_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    return _parse_toml(text, str(path))
+
+
+def _parse_toml(text: str, source: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {_describe_toml_error(exc)}") from None
+        raise ConfigError(f"{source}: {_describe_toml_error(exc)}") from None
 
 
 def _describe_toml_error(exc: Exception) -> str:
@@ -380,10 +392,7 @@ def apply_override(tables: dict[str, dict], parts: list[str], value: Any) -> Non
 
 def load_config_text(text: str, source: str, num_processes: int = 1) -> Config:
     """A Config from one TOML document with [data] and [train] tables (a run's config.toml)."""
-    try:
-        tables = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: {_describe_toml_error(exc)}") from None
+    tables = _parse_toml(text, source)
     for section in ("data", "train"):
         if not isinstance(tables.get(section), dict):
             raise ConfigError(f"{source}: missing [{section}] table")
@@ -393,13 +402,16 @@ def load_config_text(text: str, source: str, num_processes: int = 1) -> Config:
     return config
 
 
-def load_data_config(path: str | Path, overrides: list[str] = ()) -> DataConfig:
-    """Only the data file, with ``--set data.*`` overrides (for commands that bring their own model)."""
-    tables = {"data": read_toml(path), "train": {}}
-    for text in overrides:
-        parts, value = parse_override(text)
+def load_data_config(path: str | Path, overrides: list[str] = (), text: str | None = None) -> DataConfig:
+    """Only the data file, with ``--set data.*`` overrides (for commands that bring their own model).
+
+    ``text``: the file's contents, checked before they are written to ``path``.
+    """
+    tables = {"data": read_toml(path) if text is None else _parse_toml(text, str(path)), "train": {}}
+    for override in overrides:
+        parts, value = parse_override(override)
         if parts[0] != "data":
-            raise ConfigError(f"--set {text!r}: only data.* keys apply here")
+            raise ConfigError(f"--set {override!r}: only data.* keys apply here")
         apply_override(tables, parts, value)
     source = describe_source(path, "data", list(overrides))
     if not tables["data"].get("data_dir"):
@@ -456,10 +468,22 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
         raise ConfigError(f"{source}: train.log.wandb_on = true is not supported; metrics go to "
                           "TensorBoard and metrics.jsonl in the run directory")
     if t.checkpoint_dir:
-        raise ConfigError(f"{source}: train.checkpoint_dir is not supported yet (resuming from a "
-                          "checkpoint is planned); remove the key")
+        raise ConfigError(f"{source}: train.checkpoint_dir is not supported; to resume, run the same command "
+                          "again (same --output-dir) or pass --resume RUN/checkpoints/<step>")
 
 
 def to_dict(config: Any) -> dict:
     """The config as nested plain dicts, ready for TOML."""
     return dataclasses.asdict(config)
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    """``{"train": {"optim": {"momentum": 0.9}}}`` -> ``{"train.optim.momentum": 0.9}``."""
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

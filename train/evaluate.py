@@ -19,10 +19,11 @@ import timm
 import torch
 from accelerate import Accelerator
 
-from .batchnorm import recompute_running_stats
-from .config import PreprocessConfig, UserError, load_data_config
+from .config import PreprocessConfig, load_data_config
 from .data import build_loaders, check_supported, resolve_data_dir
-from .loop import evaluate
+from .errors import UserError, first_line, report_error
+from .optim.batchnorm import recompute_running_stats
+from .validation import evaluate
 
 
 def load_model(reference: str) -> torch.nn.Module:
@@ -32,8 +33,7 @@ def load_model(reference: str) -> torch.nn.Module:
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as exc:  # unreachable Hub, bad folder contents: one line, no traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {reference}: {first}") from None
+        raise UserError(f"cannot load model {reference}: {first_line(exc)}") from None
 
 
 def preprocess_of(model: torch.nn.Module) -> PreprocessConfig:
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         check_supported(data, str(args.data_cfg))
         model = load_model(args.model)
         if model.num_classes != data.num_classes:
-            raise UserError(f"the model predicts {model.num_classes} classes but data.num_classes is {data.num_classes}")
+            raise UserError(f"the model predicts {model.num_classes} classes but data.num_classes is "
+                            f"{data.num_classes}")
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         if args.batch_size % accelerator.num_processes:
             raise UserError(f"--batch-size {args.batch_size} is not divisible by {accelerator.num_processes} processes")
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.batch_size // accelerator.num_processes, accelerator.num_processes,
                                 accelerator.process_index, seed=0, pin_memory=accelerator.device.type == "cuda")
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     model = model.to(accelerator.device)
     if args.recalibrate_bn > 0:
         batches = itertools.islice(loaders.train_stats(), -(-args.recalibrate_bn // args.batch_size))

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint as ckpt
-from .config import Config, UserError, load_config_text
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .config import Config, load_config_text
+from .errors import UserError, report_error
 from .models import build_model, model_args, resolve_arch
 
 WEIGHTS = "model.safetensors"
@@ -50,8 +51,8 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
             "crop_mode": "center",
             # timm and PIL have no "triangular"; PIL's bilinear is that filter when shrinking.
             "interpolation": "bilinear" if p.interpolation == "triangular" else p.interpolation,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(IMAGENET_DEFAULT_MEAN),
+            "std": list(IMAGENET_DEFAULT_STD),
             "num_classes": config.data.num_classes,
             "classifier": model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None,
         },
@@ -128,12 +129,13 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     problem = ckpt.checkpoint_problem(checkpoint)
     if problem:
         raise UserError(f"{checkpoint}: not a usable checkpoint ({problem})")
-    config = load_config_text((checkpoint / ckpt.CONFIG_COPY).read_text(encoding="utf-8"), str(checkpoint / ckpt.CONFIG_COPY))
+    config_path = checkpoint / ckpt.CONFIG_COPY
+    config = load_config_text(config_path.read_text(encoding="utf-8"), str(config_path))
     trainer = ckpt.read_trainer_state(checkpoint)
     t = config.train
     model = build_model(t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.preprocess.val_crop_size)
     model.load_state_dict(unwrapped_names(load_file(str(checkpoint / WEIGHTS))))
-    class_names = tuple(trainer.class_names) if trainer.class_names else tuple(str(i) for i in range(config.data.num_classes))
+    class_names = tuple(trainer.class_names or (str(i) for i in range(config.data.num_classes)))
     return write_model_folder(out_dir, model, config, class_names, trainer.metrics,
                               f"python -m train.export {checkpoint}", tuple(trainer.class_descriptions))
 
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = export_checkpoint(args.checkpoint, out)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(f"exported {args.checkpoint} to {written}")
     return 0
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import UserError
+from .errors import UserError, first_line, report_error
 from .export import WEIGHTS
 
 REQUIRED_FILES = (WEIGHTS, "config.json")
@@ -29,11 +29,6 @@ def files_to_upload(model_dir: Path) -> list[tuple[str, int]]:
             for p in sorted(model_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def push(model_dir: Path, repo_id: str, private: bool, message: str) -> str:
     """Create the repo if needed and upload the folder; returns the commit URL."""
     import huggingface_hub
@@ -48,7 +43,7 @@ def push(model_dir: Path, repo_id: str, private: bool, message: str) -> str:
         commit = api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
                                    commit_message=message, allow_patterns=["*"], ignore_patterns=[".*"])
     except Exception as exc:  # offline, refused, bad repo id: report without a traceback
-        raise UserError(f"push to {repo_id!r} failed: {_first_line(exc)}") from None
+        raise UserError(f"push to {repo_id!r} failed: {first_line(exc, with_type=True)}") from None
     return getattr(commit, "commit_url", str(commit))
 
 
@@ -70,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         url = push(args.model_dir, args.repo_id, args.private, args.message)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error(exc)
     print(f"uploaded {args.model_dir} to {args.repo_id}: {url}")
     return 0
 

@@ -7,7 +7,7 @@ import difflib
 import timm
 import torch
 
-from .config import UserError
+from .errors import UserError
 
 ALIASES = {"vit_base_16": "vit_base_patch16_224"}
 

@@ -45,7 +45,7 @@ class StopRequests:
             LOG.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint")
         self.received = signum
 
-    def install(self) -> "StopRequests":
+    def install(self) -> StopRequests:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -26,15 +26,16 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import SAFE_TO_CHANGE, flatten
-from .config import UserError, load_config_text, to_dict
+from .checkpoint import SAFE_TO_CHANGE
+from .config import flatten, load_config_text, to_dict
+from .errors import UserError, report_error
+from .rundir import read_metrics
 
 SEED_KEY = "train.reproduce.seed"
 IGNORED_WHEN_GROUPING = (SAFE_TO_CHANGE - {"train.max_epochs"}) | {SEED_KEY}
@@ -94,26 +95,6 @@ def find_run_dirs(patterns: list[str]) -> list[Path]:
     return list(found)
 
 
-def read_records(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}: line {number} is not a JSON object")
-        missing = {"epoch", "step", "val_acc1", "val_acc5", "train_time_s"} - record.keys()
-        if missing:
-            raise UserError(f"{path}: line {number} lacks {', '.join(sorted(missing))}")
-        records.append(record)
-    return records
-
-
 def load_run(path: Path) -> Run:
     config_path = path / "config.toml"
     try:
@@ -121,7 +102,7 @@ def load_run(path: Path) -> Run:
     except OSError as exc:
         raise UserError(f"{config_path}: cannot read ({exc.strerror})") from None
     config = load_config_text(text, str(config_path))
-    return Run(path, flatten(to_dict(config)), read_records(path / "metrics.jsonl"))
+    return Run(path, flatten(to_dict(config)), read_metrics(path / "metrics.jsonl"))
 
 
 # ------------------------------------------------------------------------------ grouping
@@ -311,13 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             raise UserError(f"{args.out}: cannot create the output folder ({exc.strerror})") from None
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    report = args.out / "results.md"
-    report.write_text(markdown(groups, unfinished), encoding="utf-8")
+        return report_error(exc)
+    results = args.out / "results.md"
+    results.write_text(markdown(groups, unfinished), encoding="utf-8")
     plots = write_plots(groups, args.out)
     print(results_table(groups))
-    print(f"\n{len(runs) - len(unfinished)} finished run(s) in {len(groups)} group(s); wrote {report} and "
+    print(f"\n{len(runs) - len(unfinished)} finished run(s) in {len(groups)} group(s); wrote {results} and "
           f"{', '.join(p.name for p in plots)}")
     return 0
 

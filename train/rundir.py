@@ -11,6 +11,8 @@ from pathlib import Path
 import tomli_w
 
 from .config import Config, to_dict
+from .errors import UserError
+from .files import write_atomically
 
 LOG = logging.getLogger("train")
 
@@ -21,9 +23,7 @@ def default_run_dir(job_id: str | None, timestamp: str) -> Path:
 
 
 def write_config(run_dir: Path, config: Config) -> Path:
-    path = run_dir / "config.toml"
-    path.write_text(tomli_w.dumps(to_dict(config)), encoding="utf-8")
-    return path
+    return write_atomically(run_dir / "config.toml", tomli_w.dumps(to_dict(config)))
 
 
 class MetricsLog:
@@ -38,20 +38,34 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
-
     def rewrite(self, records: list[dict]) -> None:
         """Replace the file's records (on resume: with those the checkpoint knew of)."""
-        staging = self.path.with_name(self.path.name + ".tmp")
-        with open(staging, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
-            f.flush()
-            os.fsync(f.fileno())
-        staging.replace(self.path)
+        write_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records), fsync=True)
+
+
+# Keys every record has; the report relies on them.
+RECORD_KEYS = frozenset({"epoch", "step", "val_acc1", "val_acc5", "train_time_s"})
 
 
 def read_metrics(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a ``metrics.jsonl`` ([] when there is none yet), each checked."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        missing = RECORD_KEYS - record.keys()
+        if missing:
+            raise UserError(f"{path}: line {number} lacks {', '.join(sorted(missing))}")
+        records.append(record)
+    return records
 
 
 def setup_logging(run_dir: Path | None, is_main_process: bool) -> None:

@@ -25,24 +25,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from .config import flatten
+
 TRACKER_FOLDER = "tensorboard"  # Accelerate's project name: the folder under the run directory
 
 
-def flatten_config(table: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
-    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}``; lists and other values become strings.
-
-    TensorBoard's hyperparameters accept only scalars and strings.
-    """
-    flat = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten_config(value, name + "."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat
+def flatten_config(table: dict) -> dict[str, bool | int | float | str]:
+    """The config's dotted keys (``train.lr``) with scalar values: TensorBoard's hyperparameters
+    accept only numbers, booleans and strings, so anything else becomes its string."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in flatten(table).items()}
 
 
 @torch.no_grad()

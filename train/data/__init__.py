@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
-from ..config import DataConfig, PreprocessConfig, UserError
+import torch
+
+from ..config import DataConfig, PreprocessConfig
+from ..errors import UserError
 from . import hf
 from .builtin import ensure_builtin_dataset
 from .classes import class_descriptions
@@ -22,8 +25,6 @@ from .shards import is_shard_set
 
 HUB_PREFIX = "hf-hub:"
 BUILTIN_PREFIX = "builtin:"
-SUPPORTED_LOADERS = ("hf", "dali")
-PLANNED_LOADERS = ()
 
 
 @dataclass
@@ -40,16 +41,25 @@ class Loaders:
     steps_per_epoch: int
     # Called before each epoch's pass over `train`: set_epoch(epoch, start_batch).
     set_epoch: Callable[[int, int], None]
+    # A new stream of training batches (training preprocessing, this process's shard) that
+    # leaves `train`'s position alone: BatchNorm statistics are recomputed from it mid-run.
+    train_stats: Callable[[], Iterable]
     # Reader position for checkpoints, for loaders that need more than (epoch, start_batch)
     # to resume mid-epoch (DALI); None for loaders that do not.
     state_dict: Callable[[], dict] | None = None
     load_state_dict: Callable[[dict], None] | None = None
-    # A new stream of training batches (training preprocessing, this process's shard) that
-    # leaves `train`'s position alone: BatchNorm statistics are recomputed from it mid-run.
-    train_stats: Callable[[], Iterable] | None = None
     # Readable name per class index (a folder's classes.tsv, or a shard manifest's copy of
     # it), for exported models; () when unknown or when class_names are readable already.
     class_descriptions: tuple[str, ...] = ()
+
+
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the training device; 4-D images in NHWC memory order when ``channels_last``."""
+    images = images.to(device, non_blocking=True)
+    if images.ndim == 4 and channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
 
 
 def check_supported(data: DataConfig, source: str) -> None:
@@ -58,9 +68,6 @@ def check_supported(data: DataConfig, source: str) -> None:
     if data.data_dir.startswith(HUB_PREFIX) and name != "hf":
         raise UserError(f"{source}: data.data_dir = {data.data_dir!r} is a Hub data set, which only "
                         "data.dataloader.name = \"hf\" can read")
-    if name in PLANNED_LOADERS:
-        raise UserError(f"{source}: data.dataloader.name = {name!r} is not yet supported; "
-                        f"use --set data.dataloader.name=\"hf\" for now")
     if name == "dali" and not _dali_installed():
         raise UserError(f"{source}: data.dataloader.name = \"dali\" needs NVIDIA DALI, which is not installed "
                         "(pip install nvidia-dali-cuda120, Linux only); or use --set data.dataloader.name=\"hf\"")

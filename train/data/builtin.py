@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 # Bump when the generated images change, so stale caches are never reused.
 GENERATOR_VERSION = 1
 IMAGE_SIZE = 48
@@ -108,7 +110,6 @@ def ensure_builtin_dataset(name: str, cache_root: Path | None = None) -> Path:
     starting at once each generate and the first rename wins.
     """
     if name not in KNOWN_SETS:
-        from ..config import UserError
         raise UserError(f"data.data_dir: unknown built-in data set 'builtin:{name}'; "
                         f"available: {', '.join('builtin:' + k for k in KNOWN_SETS)}")
     cache_root = Path(cache_root) if cache_root else default_cache_root()

@@ -12,10 +12,10 @@ an exported model carries readable label names next to its WordNet ids.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..config import UserError
+from ..errors import UserError
+from ..files import write_atomically
 
 CLASS_TABLE = "classes.tsv"
 HEADER = ("index", "wnid", "names")
@@ -28,10 +28,7 @@ def write_class_table(folder: Path, rows: list[tuple[str, str]]) -> Path:
         if any(c in wnid + names for c in "\t\n\r"):
             raise ValueError(f"class {wnid!r}: tabs and line breaks cannot be stored in {CLASS_TABLE}")
     lines = ["\t".join(HEADER)] + [f"{index}\t{wnid}\t{names}" for index, (wnid, names) in enumerate(rows)]
-    staging = path.with_name(f".{CLASS_TABLE}.tmp")
-    staging.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(staging, path)
-    return path
+    return write_atomically(path, "\n".join(lines) + "\n")
 
 
 def read_class_table(folder: Path) -> dict[str, str] | None:

@@ -31,20 +31,20 @@ from nvidia.dali import fn, types
 from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import PreprocessConfig
 from .classes import class_descriptions
 from .folder import DataError, scan_image_folder
 from .shards import is_shard_set, open_shard_set
-from .transforms import CROP_AREA, CROP_ASPECT, IMAGENET_MEAN, IMAGENET_STD
-from .verify import available_cpus, default_cache_file, describe_problems, verify_files
+from .transforms import CROP_AREA, CROP_ASPECT
+from .verify import CHECK_COMMAND, available_cpus, default_cache_file, describe_problems, verify_files
 
 LOG = logging.getLogger("train")
 
 READER = "Reader"
-CHECK_COMMAND = "python -m train.data.check"
-MEAN = [255 * m for m in IMAGENET_MEAN]
-STD = [255 * s for s in IMAGENET_STD]
+MEAN = [255 * m for m in IMAGENET_DEFAULT_MEAN]
+STD = [255 * s for s in IMAGENET_DEFAULT_STD]
 INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "triangular": types.INTERP_TRIANGULAR,
                  "bicubic": types.INTERP_CUBIC}
 # nvJPEG buffer paddings from NVIDIA's ImageNet ResNet-50 example: big enough for ImageNet's
@@ -372,7 +372,7 @@ class DaliTrainLoader:
             self._finish_reader_epoch()
         self.position = requested
 
-    def fresh_copy(self) -> "DaliTrainLoader":
+    def fresh_copy(self) -> DaliTrainLoader:
         """Another loader of the same shard and preprocessing, from the start, with its own
         pipeline (built when first iterated, freed with the copy): this one keeps its place."""
         return DaliTrainLoader(self.runner.spec, self.steps_per_epoch, self.runner.pin_memory)

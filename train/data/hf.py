@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig, PreprocessConfig
+from ..errors import first_line
 from ..preemption import STOP_SIGNALS
 from .folder import DataError, FolderSplit
 from .transforms import EvalPreset, TrainPreset
@@ -74,9 +75,8 @@ def hub_tables(dataset_id: str, data: DataConfig) -> tuple[datasets.Dataset, dat
         train = datasets.load_dataset(dataset_id, split=loader.train_split)
         val = datasets.load_dataset(dataset_id, split=loader.val_split)
     except Exception as exc:  # offline, unknown id, missing split: all are input problems
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise DataError(f"data.data_dir: cannot load Hugging Face data set {dataset_id!r} "
-                        f"(splits {loader.train_split!r}/{loader.val_split!r}): {first_line}") from None
+                        f"(splits {loader.train_split!r}/{loader.val_split!r}): {first_line(exc)}") from None
     for table, split in ((train, loader.train_split), (val, loader.val_split)):
         for column in (loader.image_column, loader.label_column):
             if column not in table.column_names:
@@ -142,7 +142,8 @@ def _end_on_trainers_sigterm(trainer: int) -> None:
             os._exit(0)
 
 
-def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
     return _StopSignalSafeLoader(
         dataset,
         batch_sampler=batch_sampler,

@@ -1,6 +1,7 @@
 """Which samples each process reads, batch by batch.
 
-Sharding is done here rather than by ``accelerator.prepare(dataloader)`` so that it is the
+Sharding is done here rather than by ``accelerator.prepare(dataloader)`` or torch's
+``DistributedSampler`` (which pads the last batch with repeated samples) so that it is the
 same for every loader (the DALI readers shard the same way), is exact for evaluation, and
 can start mid-epoch when a run resumes.
 """

@@ -1,6 +1,7 @@
 """WebDataset shards: ``train-NNNNN.tar`` and ``val-NNNNN.tar``, each with a DALI index file.
 
-A shard holds one ``<key>.jpg`` (the original file's bytes, whatever its format) and one
+This module reads them (the converter in ``train.dataset_tools`` writes them). A shard holds
+one ``<key>.jpg`` (the original file's bytes, whatever its format) and one
 ``<key>.cls`` (the class index as ASCII digits, the WebDataset convention) per sample. Next to
 each ``.tar`` lies its ``.idx``, the index DALI's webdataset reader needs to find samples
 without scanning the archive at every start. ``manifest.json`` records the class names, so the
@@ -14,16 +15,15 @@ and the counts are read from the index files.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from .folder import DataError
+from .verify import CHECK_COMMAND
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -31,7 +31,6 @@ SPLITS = ("train", "val")
 INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
 TAR_BLOCK = 512
 TAIL_BYTES = 65536  # enough for the last line of an index
-CHECK_HINT = "python -m train.data.check"
 _SHARD_NAME = re.compile(r"^(train|val)-(\d+)\.tar$")
 
 
@@ -46,70 +45,6 @@ def index_path(tar_path: Path) -> Path:
 def is_shard_set(root: Path) -> bool:
     """True when ``root`` holds ``train-*.tar`` shards (rather than an ImageNet-layout folder)."""
     return root.is_dir() and any(_SHARD_NAME.match(p.name) for p in root.glob("train-*.tar"))
-
-
-# ------------------------------------------------------------------------- writing
-
-
-def sample_key(position: int, class_name: str, file_name: str) -> str:
-    """A key unique within the split that still names the original file.
-
-    DALI splits a member name at its first dot into key and extension, so dots become '_'.
-    """
-    stem = os.path.splitext(file_name)[0]
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{position:08d}-{class_name}-{stem}")
-
-
-def write_shard(tar_path: Path, samples: Iterable[tuple[str, bytes, int]]) -> int:
-    """Write ``(key, image bytes, label)`` samples to ``tar_path`` and its index, atomically;
-    returns the number of samples (no files are left when there are none).
-
-    Both files are written under temporary names and renamed, the index last, so an
-    interrupted conversion never leaves a shard that looks complete.
-    """
-    staging = tar_path.with_name(tar_path.name + ".partial")
-    count = 0
-    with tarfile.open(staging, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, data, label in samples:
-            for extension, payload in (("jpg", data), ("cls", str(label).encode())):
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(payload)
-                info.mode = 0o644
-                tar.addfile(info, io.BytesIO(payload))
-            count += 1
-    if count == 0:
-        staging.unlink()
-        return 0
-    idx_staging = index_path(tar_path).with_name(index_path(tar_path).name + ".partial")
-    idx_staging.write_text(index_text(staging), encoding="utf-8")
-    os.replace(staging, tar_path)
-    os.replace(idx_staging, index_path(tar_path))
-    return count
-
-
-def index_text(tar_path: Path) -> str:
-    """The DALI index (format v1.2) of a tar archive: one line per sample, its components'
-    extension, data offset, size and member name."""
-    samples: list[list[str]] = []
-    last_key = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            if base.startswith(".") or "." not in base:
-                continue
-            dot = member.name.find(".", member.name.rfind("/") + 1)
-            key, extension = member.name[:dot], member.name[dot + 1:]
-            entry = f"{extension} {member.offset_data} {member.size} {member.name}"
-            if key != last_key:
-                samples.append([entry])
-                last_key = key
-            else:
-                samples[-1].append(entry)
-    if not samples:
-        raise DataError(f"{tar_path}: the archive holds no samples")
-    return f"{INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
 # ------------------------------------------------------------------------- reading
@@ -163,7 +98,7 @@ def _index_entries(index: Path) -> tuple[int, list[str]]:
         tail = [line for line in f.read().decode("utf-8", errors="replace").splitlines() if line.strip()]
     if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
         raise DataError(f"{index}: not a DALI index file (first line should be '{INDEX_VERSION} <samples>'); "
-                        f"rebuild it, and run {CHECK_HINT} on the shard folder")
+                        f"rebuild it, and run {CHECK_COMMAND} on the shard folder")
     return int(header[1]), [first, tail[-1] if tail else first]
 
 
@@ -183,7 +118,7 @@ def check_index(tar: Path, index: Path, expected_samples: int | None = None) -> 
     must each point just past a tar header whose size field matches. (Modification times
     prove nothing here: a plain ``cp -r`` gives the index, copied first, the older one.)
     """
-    hint = f"run {CHECK_HINT} {tar.parent}"
+    hint = f"run {CHECK_COMMAND} {tar.parent}"
     if not index.exists():
         raise DataError(f"{index} is missing: shard {tar.name} has no DALI index file; "
                         f"convert again (python -m train.data.convert resumes) or {hint}")

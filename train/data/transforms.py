@@ -2,7 +2,9 @@
 
 The random choices of a sample come from a generator seeded by (run seed, epoch, index), not
 from a worker's global RNG, so a sample is augmented identically whatever the number of
-workers, and a resumed run sees exactly the crops the uninterrupted run would have seen.
+workers, and a resumed run sees exactly the crops the uninterrupted run would have seen. This
+is why these presets are our own rather than torchvision's ``RandomResizedCrop`` and
+``RandomHorizontalFlip``, which draw from the global RNG.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ import random
 
 import torch
 from PIL import Image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 # The seed's DALI pipeline: random area 10%-100% of the image, aspect ratio 3/4..4/3 narrowed
 # to 0.8..1.25.
@@ -54,8 +54,8 @@ def random_crop_box(width: int, height: int, rng: random.Random) -> tuple[int, i
 def _to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     return pixels.sub_(mean).div_(std)
 
 

@@ -19,14 +19,15 @@ import io
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ..files import write_atomically
 from .builtin import default_cache_root
 
 try:
@@ -121,11 +122,8 @@ class VerificationCache:
 
     def save(self, entries: dict[str, tuple[int, int, str]]) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-        with open(staging, "w", encoding="utf-8") as f:
-            f.write(CACHE_HEADER)
-            f.writelines(f"{path}\t{size}\t{mtime}\t{problem}\n" for path, (size, mtime, problem) in entries.items())
-        os.replace(staging, self.file)
+        rows = "".join(f"{path}\t{size}\t{mtime}\t{problem}\n" for path, (size, mtime, problem) in entries.items())
+        write_atomically(self.file, CACHE_HEADER + rows)
 
     @contextlib.contextmanager
     def locked(self):

@@ -31,11 +31,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import UserError
-from .classes import CLASS_TABLE, write_class_table
+from ..data.classes import CLASS_TABLE, write_class_table
+from ..data.folder import PREPARE_STATE
+from ..errors import UserError
+from ..files import write_json
 from .devkit import DEVKIT_ARCHIVE, DEVKIT_FOLDER, META, TORCHVISION_META, Devkit, read_devkit, write_torchvision_meta
 from .extract import ClassJob, Result, ValItem, count_images, extract_class, member_file_name, place_val_images
-from .folder import PREPARE_STATE
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
@@ -84,7 +85,8 @@ def find_sources(archives: Path | None, train: Path | None, val: Path | None, de
             raise PrepareError(f"{archives}: no such folder")
         present = [archives / name for name in names if (archives / name).exists()]
         if not present:
-            raise PrepareError(f"{archives}: no {names[0]} (nor an extracted {' or '.join(n + '/' for n in names[1:])}); "
+            extracted = " or ".join(n + "/" for n in names[1:])
+            raise PrepareError(f"{archives}: no {names[0]} (nor an extracted {extracted}); "
                                f"download it from image-net.org (ILSVRC2012) or pass --{role} PATH")
         found[role] = present[0]
     return Sources(**found)
@@ -276,11 +278,8 @@ def _read_state(out: Path) -> dict | None:
 
 
 def _write_state(out: Path, devkit: Devkit, link: bool, complete: bool) -> None:
-    path = out / PREPARE_STATE
-    staging = out / f"{PREPARE_STATE}.tmp"
-    staging.write_text(json.dumps({"format": STATE_FORMAT, "devkit": devkit.digest(), "link": link,
-                                   "complete": complete}, indent=2) + "\n", encoding="utf-8")
-    staging.replace(path)
+    write_json(out / PREPARE_STATE, {"format": STATE_FORMAT, "devkit": devkit.digest(), "link": link,
+                                     "complete": complete})
 
 
 def _check_output(out: Path, sources: Sources, devkit: Devkit, link: bool) -> None:

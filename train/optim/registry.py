@@ -1,34 +1,41 @@
-"""Optimizers by name (``[optim] name``), each built from its own config section.
+"""Optimizers by name (``[optim] name``): one entry each, built from its own config section.
 
-An entry says how to build the torch optimizer, which train step drives it (``steps.py``,
-or SAM's in ``sam.py``) and whether it evaluates with averaged weights (Schedule-Free).
+An entry says how to build the torch optimizer, which train step drives it (``step.py``, or
+SAM's in ``sam.py``), which weights the run evaluates (``weights.py``; Schedule-Free's average
+in ``schedule_free.py``) and what to check at start-up beyond the config schema. Adding an
+optimizer is a config section in ``train/config.py`` and an entry here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from timm.optim import param_groups_weight_decay
 
+from ..config import AdamConfig, AdamWConfig, OptimConfig, SGDConfig, SGDSAMConfig
 from . import schedule_free
-from .config import AdamConfig, AdamWConfig, OptimConfig, SGDConfig, SGDSAMConfig, UserError
 from .sam import SingleStepSAM, TwoStepSAM
-from .steps import TrainStep
+from .step import TrainStep
+from .weights import TrainedWeights
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay for weight matrices and kernels only.
+    """Two groups, weight decay first: weight matrices and kernels, then everything timm exempts.
 
-    Normalization scales/shifts and biases are the 1-D (or scalar) parameters: deciding by
-    shape rather than by name works for every timm architecture without a list of names.
+    timm exempts 1-D parameters (normalization scales and shifts), biases, and the names the
+    model lists in ``no_weight_decay()`` (a ViT's position embedding and class token). Both
+    groups exist, in this order, whatever the decay, because checkpoints store the optimizer's
+    state by group: a run resumes into the layout it was saved with.
     """
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    # Any decay > 0 makes timm split by shape and name; the real value is set below.
+    split = param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=exempt)
+    decay = [p for group in split if group["weight_decay"] > 0 for p in group["params"]]
+    no_decay = [p for group in split if group["weight_decay"] == 0 for p in group["params"]]
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -64,9 +71,8 @@ class OptimizerEntry:
     build: Callable[[list[dict], Any, float, int], torch.optim.Optimizer]
     # (config section, model, optimizer, criterion, accelerator, grad_clip_norm) -> train step
     train_step: Callable[..., TrainStep] = _plain_step
-    # Evaluates with weights other than those it trains (Schedule-Free's average): the loop
-    # then switches weights with optimizer.eval()/train() and recomputes BatchNorm statistics.
-    averages_weights: bool = False
+    # (prepared optimizer) -> the hook that puts the weights to evaluate and save in the model
+    weights: Callable[[torch.optim.Optimizer], TrainedWeights] = TrainedWeights
     # Start-up checks beyond the config schema: (config section, source) -> None or UserError.
     check: Callable[[Any, str], None] | None = None
 
@@ -75,18 +81,16 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "sgd": OptimizerEntry(_sgd),
     "adam": OptimizerEntry(_adam),
     "adamw": OptimizerEntry(_adamw),
-    "sgd-schedule-free": OptimizerEntry(schedule_free.sgd_schedule_free, averages_weights=True,
+    "sgd-schedule-free": OptimizerEntry(schedule_free.sgd_schedule_free, weights=schedule_free.AveragedWeights,
                                         check=schedule_free.check_config),
-    "adamw-schedule-free": OptimizerEntry(schedule_free.adamw_schedule_free, averages_weights=True,
+    "adamw-schedule-free": OptimizerEntry(schedule_free.adamw_schedule_free, weights=schedule_free.AveragedWeights,
                                           check=schedule_free.check_config),
     "sgd-sam": OptimizerEntry(_sam_base, train_step=_sam_step),
 }
 
 
 def check_supported(cfg: OptimConfig, source: str) -> None:
-    if cfg.name not in OPTIMIZERS:
-        raise UserError(f"{source}: train.optim.name = {cfg.name!r} is not yet supported "
-                        f"(available now: {', '.join(map(repr, OPTIMIZERS))})")
+    """Start-up checks of the chosen optimizer's values (the schema has checked the name)."""
     check = OPTIMIZERS[cfg.name].check
     if check is not None:
         check(cfg, source)
@@ -103,8 +107,9 @@ def build_train_step(cfg: OptimConfig, model: torch.nn.Module, optimizer, criter
     return OPTIMIZERS[cfg.name].train_step(cfg, model, optimizer, criterion, accelerator, grad_clip_norm)
 
 
-def averages_weights(cfg: OptimConfig) -> bool:
-    return OPTIMIZERS[cfg.name].averages_weights
+def evaluation_weights(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> TrainedWeights:
+    """The hook that decides which weights are evaluated and saved; ``optimizer`` as prepared."""
+    return OPTIMIZERS[cfg.name].weights(optimizer)
 
 
 def reported_lr(optimizer: torch.optim.Optimizer) -> float:

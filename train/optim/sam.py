@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from .batchnorm import batchnorm_layers, running_stats_frozen
-from .steps import TrainStep
+from .step import TrainStep
 
 # Keeps e finite when the gradient is zero (then e is zero too).
 NORM_EPSILON = 1e-12

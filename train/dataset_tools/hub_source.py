@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import os
 import shutil
 import sys
 import time
@@ -34,10 +33,12 @@ import huggingface_hub
 import pyarrow.compute as pc
 
 from ..config import DataloaderConfig, load_data_config
-from .folder import DataError
-from .verify import available_cpus
+from ..data import HUB_PREFIX
+from ..data.folder import DataError
+from ..data.verify import available_cpus
+from ..errors import first_line
+from ..files import write_atomically
 
-HUB_PREFIX = "hf-hub:"
 # The official copy (and its old alias, which the Hub redirects) and the ILSVRC2012 counts.
 OFFICIAL_IMAGENET_IDS = ("ILSVRC/imagenet-1k", "imagenet-1k")
 IMAGENET_CLASSES, IMAGENET_TRAIN, IMAGENET_VAL = 1000, 1_281_167, 50_000
@@ -79,11 +80,6 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ loading
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def _causes(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -96,6 +92,7 @@ def describe_load_error(dataset: str, exc: Exception) -> str:
     """One line for a failed download or preparation: what went wrong and what to do."""
     page = f"{huggingface_hub.constants.ENDPOINT}/datasets/{dataset}"
     chain = list(_causes(exc))
+    reason = first_line(exc, with_type=True)
     text = " ".join(str(e) for e in chain)
     gated = [e for e in chain if isinstance(e, huggingface_hub.errors.GatedRepoError)]
     status = getattr(getattr(gated[0], "response", None), "status_code", None) if gated else None
@@ -113,17 +110,17 @@ def describe_load_error(dataset: str, exc: Exception) -> str:
         return (f"{dataset}: no such data set on the Hub, or a private one this token cannot see: check the id "
                 "(e.g. ILSVRC/imagenet-1k) or pass --token")
     if isinstance(exc, ConnectionError):
-        return (f"{dataset}: cannot reach the Hugging Face Hub ({_first_line(exc)}): check the network, or prepare it "
+        return (f"{dataset}: cannot reach the Hugging Face Hub ({reason}): check the network, or prepare it "
                 "where the Hub is reachable and copy the Hugging Face cache (HF_HOME) here")
     if "Not enough disk space" in text or any(getattr(e, "errno", None) == errno.ENOSPC for e in chain):
-        return (f"{dataset}: not enough disk space for the Hugging Face cache ({_first_line(exc)}): free space, or "
+        return (f"{dataset}: not enough disk space for the Hugging Face cache ({reason}): free space, or "
                 "point HF_HOME (or HF_HUB_CACHE and HF_DATASETS_CACHE) at a larger disk for this command and training")
     if isinstance(exc, FileNotFoundError) and not Path(dataset).exists():
         return (f"{dataset}: no such folder, nor a Hub data set of that name; give a Hub id such as "
                 "ILSVRC/imagenet-1k or a folder of data files")
     if isinstance(exc, FileNotFoundError):
-        return f"{dataset}: {_first_line(exc)}; give a folder of data files (e.g. data/train-*.parquet) or a Hub id"
-    return f"{dataset}: datasets.load_dataset failed: {_first_line(exc)}"
+        return f"{dataset}: {reason}; give a folder of data files (e.g. data/train-*.parquet) or a Hub id"
+    return f"{dataset}: datasets.load_dataset failed: {reason}"
 
 
 def _known_splits(builder) -> list[str]:
@@ -324,17 +321,12 @@ def config_text(data_dir: str, summary: HubSummary, image_column: str, label_col
 
 
 def write_config(path: Path, text: str) -> None:
-    """Write the config next to its final name, check that the trainer accepts it, then move it in place."""
+    """Check that the trainer accepts the config, then write it (never over an existing file)."""
+    load_data_config(path, text=text)
+    if path.exists():  # appeared while preparing: keep the user's file
+        raise HubSourceError(f"--write-config {path}: the file appeared while preparing; not overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.incomplete")
-    staging.write_text(text)
-    try:
-        load_data_config(staging)
-        if path.exists():  # appeared while preparing: keep the user's file
-            raise HubSourceError(f"--write-config {path}: the file appeared while preparing; not overwritten")
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    write_atomically(path, text)
 
 
 def print_summary(summary: HubSummary, is_hub: bool, seconds: float, out=None) -> None:

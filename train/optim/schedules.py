@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .config import ConstantScheduleConfig, CosineScheduleConfig, ScheduleConfig
+from ..config import ConstantScheduleConfig, ScheduleConfig
 
 
 def cosine_with_warmup(peak_lr: float, warmup_steps: int, total_steps: int, warmup_decay: float,
@@ -30,12 +30,11 @@ def constant(peak_lr: float) -> Callable[[int], float]:
 
 
 def lr_function(cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int, max_epochs: int) -> Callable[[int], float]:
-    if isinstance(cfg, CosineScheduleConfig):
-        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-        return cosine_with_warmup(peak_lr, warmup_steps, steps_per_epoch * max_epochs, cfg.warmup_decay, cfg.eta_min)
+    """lr(step) of ``[lr_scheduler]``: the schema allows "constant" and "cosine" only."""
     if isinstance(cfg, ConstantScheduleConfig):
         return constant(peak_lr)
-    raise TypeError(f"no schedule for {cfg!r}")  # unreachable: config validation names the choices
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    return cosine_with_warmup(peak_lr, warmup_steps, steps_per_epoch * max_epochs, cfg.warmup_decay, cfg.eta_min)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,

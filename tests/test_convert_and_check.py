@@ -7,11 +7,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from helpers import make_image_folder
-from train.data import check, convert
+
 from train.data.folder import scan_image_folder
 from train.data.shards import MANIFEST, index_path, iter_shard_samples, open_shard_set
+from train.dataset_tools import check, convert
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,8 @@ def test_conversion_round_trip_keeps_every_sample_and_label(folder, tmp_path, ca
     for split in ("train", "val"):
         stored = shard_contents(dst, split)
         assert sorted(stored) == sorted(folder_contents(folder, split))  # same bytes, same labels
-    assert [label for _, label in shard_contents(dst, "train")] != sorted(l for _, l in shard_contents(dst, "train"))
+    train_labels = [label for _, label in shard_contents(dst, "train")]
+    assert train_labels != sorted(train_labels)
     manifest = json.loads((dst / MANIFEST).read_text())
     assert manifest["class_names"] == ["n00000000", "n00000001", "n00000002"]
     assert manifest["samples"] == {"train": 21, "val": 9} and manifest["skipped"] == []

@@ -25,7 +25,8 @@ import numpy as np
 import scipy.io
 import torch
 
-from ..config import UserError
+from ..errors import UserError
+from ..files import write_atomically
 
 DEVKIT_FOLDER = "ILSVRC2012_devkit_t12"
 DEVKIT_ARCHIVE = f"{DEVKIT_FOLDER}.tar.gz"
@@ -149,8 +150,6 @@ def _parse(source: Path, meta_bytes: bytes, truth_bytes: bytes) -> Devkit:
 def write_torchvision_meta(devkit: Devkit, folder: Path) -> Path:
     """``meta.bin`` as ``torchvision.datasets.ImageNet`` writes it, so it can read the folder too."""
     wnid_to_classes = {wnid: tuple(devkit.names[wnid].split(", ")) for wnid in devkit.wnids}
-    path = folder / TORCHVISION_META
-    staging = folder / f".{TORCHVISION_META}.tmp"
-    torch.save((wnid_to_classes, list(devkit.val_wnids)), staging)
-    staging.replace(path)
-    return path
+    buffer = io.BytesIO()
+    torch.save((wnid_to_classes, list(devkit.val_wnids)), buffer)
+    return write_atomically(folder / TORCHVISION_META, buffer.getvalue())

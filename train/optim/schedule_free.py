@@ -9,10 +9,18 @@ Warm-up happens inside the optimizer (``warmup_steps``), so the run's lr schedul
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import schedulefree
 import torch
 
-from .config import AdamWScheduleFreeConfig, SGDScheduleFreeConfig, UserError
+from ..config import AdamWScheduleFreeConfig, SGDScheduleFreeConfig
+from ..errors import UserError
+from .weights import TrainedWeights
+
+LOG = logging.getLogger("train")
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
@@ -39,3 +47,32 @@ def adamw_schedule_free(param_groups: list[dict], cfg: AdamWScheduleFreeConfig, 
     return schedulefree.AdamWScheduleFree(param_groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon,
                                           warmup_steps=warmup_steps(cfg.warmup_epochs, steps_per_epoch),
                                           r=cfg.r, weight_lr_power=cfg.weight_lr_power)
+
+
+class AveragedWeights(TrainedWeights):
+    """Evaluate, save and export x, the average; train y.
+
+    BatchNorm running statistics gathered while training describe y, so they are recomputed
+    for x before each evaluation (after the swap: recomputing them first would describe y).
+    Checkpoints are written in eval mode, as the schedulefree package asks; the optimizer's
+    state records the mode, so ``before_training`` puts a resumed run right.
+    """
+
+    def before_evaluation(self, recompute_batchnorm: Callable[[], int]) -> None:
+        self.optimizer.eval()
+        samples = recompute_batchnorm()
+        if samples:
+            LOG.info(f"BatchNorm statistics recomputed for the averaged weights over {samples} training samples")
+
+    def before_training(self) -> None:
+        self.optimizer.train()
+
+    @contextmanager
+    def while_saving(self) -> Iterator[None]:
+        was_training = self.optimizer.param_groups[0].get("train_mode", False)  # schedulefree's own flag
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.optimizer.train()

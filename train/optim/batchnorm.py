@@ -8,8 +8,8 @@ weights, which must not count as another batch of statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm

@@ -1,0 +1,37 @@
+"""Writing a file so that no reader ever sees half of it: staging name, then rename.
+
+Every small state file of the project (metrics, caches, manifests, configs) goes through
+``write_atomically``: a process killed mid-write leaves the previous version, never a torn one.
+Folders (checkpoints, class folders, model exports) follow the same idea with their own
+staging folders, where they are built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_atomically(path: Path, data: str | bytes, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a hidden staging file in the same folder, then rename.
+
+    ``fsync`` also forces the bytes to disk before the rename (for files that must survive a
+    power loss, such as the metrics of a long run).
+    """
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: concurrent writers never share one
+    try:
+        with open(staging, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: Path, value, fsync: bool = False) -> Path:
+    return write_atomically(path, json.dumps(value, indent=1), fsync=fsync)

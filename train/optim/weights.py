@@ -1,0 +1,37 @@
+"""Which weights a run evaluates, checkpoints and exports: the optimizer's evaluation hook.
+
+Most optimizers evaluate the weights they train, and ``TrainedWeights`` does nothing.
+An optimizer that evaluates other weights (Schedule-Free's average, ``schedule_free.py``)
+gives its registry entry a subclass; the loop calls the hook at these three moments and
+never asks which optimizer it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class TrainedWeights:
+    """The weights in the parameters are the ones to evaluate, save and export."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer  # as prepared by Accelerate
+
+    def before_evaluation(self, recompute_batchnorm: Callable[[], int]) -> None:
+        """Put the weights to evaluate (and export) in the model; they stay until ``before_training``.
+
+        ``recompute_batchnorm()`` resets the BatchNorm running statistics and recomputes them
+        over training batches for the weights now in the model, the same on every process;
+        it returns the number of samples used (0 for a model without BatchNorm).
+        """
+
+    def before_training(self) -> None:
+        """Put the weights to train in the model (at the start of each epoch's training)."""
+
+    @contextmanager
+    def while_saving(self) -> Iterator[None]:
+        """Inside, the parameters hold the weights a checkpoint should store."""
+        yield

@@ -1,0 +1,195 @@
+"""Everything a run does before its first step, gathered into one ``Run``.
+
+``start_run`` creates the Accelerator (processes, device, mixed precision), agrees on the run
+directory and whether to resume, builds the loaders, model, optimizer, schedule and train
+step, restores a checkpoint when there is one, and starts the tracker and the stop-signal
+handling. The loop (``loop.py``) receives the result and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+from . import checkpoint
+from .checkpoint import EpochState, TrainerState
+from .config import Config, TrainConfig, to_dict
+from .data import Loaders, build_loaders, resolve_data_dir
+from .models import build_model, use_sync_batchnorm
+from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
+from .preemption import CheckpointPolicy, StopRequests
+from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
+from .tracking import RunTracker
+
+LOG = logging.getLogger("train")
+
+
+@dataclass
+class RunOptions:
+    """What the entry point knows besides the config: plain values, read once."""
+    output_dir: Path | None = None
+    job_id: str | None = None  # SLURM_JOB_ID, names the default run directory
+    launcher_mixed_precision: str | None = None  # what `accelerate launch` asked for, if anything
+    resume: Path | None = None  # --resume: this checkpoint rather than the run directory's newest
+    command: str = "python -m train"  # the command line, for the exported model card
+
+
+@dataclass
+class Run:
+    """What one training run carries from its first step to its export."""
+    config: Config
+    options: RunOptions
+    accelerator: Accelerator
+    run_dir: Path
+    loaders: Loaders
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped on several processes)
+    optimizer: torch.optim.Optimizer  # as prepared by Accelerate
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped by the loop, once per optimizer step
+    train_step: TrainStep  # the optimizer's step: plain, or SAM's
+    weights: TrainedWeights  # the optimizer's choice of weights to evaluate and save
+    trainer: TrainerState  # epoch, step, metrics so far: what every checkpoint records
+    metrics_log: MetricsLog
+    tracker: RunTracker
+    stop: StopRequests
+    policy: CheckpointPolicy
+
+
+def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: bool,
+                           cuda_capability: tuple[int, int] | None) -> str | None:
+    """``None`` lets Accelerate apply the launcher's choice; otherwise "no", "bf16" or "fp16"."""
+    if not use_amp:
+        return "no"
+    if launcher_choice:
+        return None
+    if not cuda:
+        return "no"  # CPU autocast is slower than fp32 for these models
+    return "bf16" if cuda_capability and cuda_capability >= (8, 0) else "fp16"
+
+
+def set_backend_flags(train: TrainConfig, cuda: bool) -> None:
+    """Process-wide speed switches: TF32 matmuls/convolutions and cuDNN autotuning on GPUs;
+    on CPUs, flushing denormal floats to zero (tiny gradients late in training otherwise
+    make CPU kernels several times slower)."""
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = train.tf32
+        torch.backends.cudnn.allow_tf32 = train.tf32
+        torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    else:
+        torch.set_flush_denormal(True)
+
+
+def make_accelerator(train: TrainConfig, options: RunOptions) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    set_backend_flags(train, cuda)
+    capability = torch.cuda.get_device_capability() if cuda else None
+    mixed = choose_mixed_precision(train.use_amp, options.launcher_mixed_precision, cuda, capability)
+    # cpu=True without CUDA: a 2-process CPU launch then forms a real gloo process group
+    # instead of two independent single-process runs.
+    # TensorBoard goes through Accelerate's tracker. Accelerate wants a logging folder now;
+    # RunTracker moves it into the run directory, which is named only once the processes
+    # created here can agree on it (resolve_run_dir).
+    return Accelerator(cpu=not cuda, mixed_precision=mixed, dynamo_backend="inductor" if train.compile else None,
+                       log_with="tensorboard", project_config=ProjectConfiguration(logging_dir="runs"))
+
+
+def resolve_run_dir(accelerator: Accelerator, options: RunOptions) -> Path:
+    """The run directory, the same on every process (the main process's timestamp wins)."""
+    if options.output_dir is not None:
+        run_dir = Path(options.output_dir)
+    else:
+        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(stamp, from_process=0)
+        run_dir = default_run_dir(options.job_id, stamp[0])
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def start_afresh(run_dir: Path) -> None:
+    """Clear what an earlier attempt with no complete checkpoint left behind."""
+    for name in ("metrics.jsonl", "train.log"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def open_run_dir(config: Config, options: RunOptions, accelerator: Accelerator) -> tuple[Path, Path | None]:
+    """The run directory, ready for this attempt, and the checkpoint to resume from (or None)."""
+    run_dir = resolve_run_dir(accelerator, options)
+    setup_logging(None, accelerator.is_main_process)  # the console, until train.log is decided on
+    # Every process reads the same files and reaches the same decision (or the same error).
+    resume_from = checkpoint.choose_resume_point(run_dir, to_dict(config), options.resume)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if resume_from is None:
+            start_afresh(run_dir)
+        checkpoint.remove_partial_saves(run_dir)
+        write_config(run_dir, config)
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, accelerator.is_main_process)
+    return run_dir, resume_from
+
+
+def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
+    """Everything ready for the first (or resumed) step, and this process's position in the epoch."""
+    train = config.train
+    accelerator = make_accelerator(train, options)
+    run_dir, resume_from = open_run_dir(config, options, accelerator)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl")
+    set_seed(train.reproduce.seed)
+
+    with accelerator.main_process_first():  # the built-in data set is generated once
+        data_dir = resolve_data_dir(config.data.data_dir)
+    per_process_batch = train.batch_size // accelerator.num_processes
+    loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
+                            per_process_batch, accelerator.num_processes, accelerator.process_index,
+                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda")
+
+    model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
+                        train.preprocess.val_crop_size)
+    if train.sync_bn:
+        model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch)
+    # The schedule is stepped by hand: accelerator.prepare would step it once per process.
+    scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+    train_step = build_train_step(train.optim, model, optimizer, criterion, accelerator, train.grad_clip_norm)
+
+    trainer = TrainerState(class_names=list(loaders.class_names), class_descriptions=list(loaders.class_descriptions))
+    epoch_state = EpochState()
+    if resume_from is not None:
+        trainer, epoch_state = checkpoint.load(accelerator, resume_from, scheduler)
+        if trainer.class_names == list(loaders.class_names):
+            # The data's class table may be newer than the checkpoint (or the checkpoint older
+            # than class tables): exports use the current one.
+            trainer = dataclasses.replace(trainer, class_descriptions=list(loaders.class_descriptions))
+        if accelerator.is_main_process:
+            metrics_log.rewrite(trainer.metrics)  # drop records written after that checkpoint
+        LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
+                 f"step {trainer.step + epoch_state.batches_done}")  # the checkpoint's step, as it is named
+    # Steps after the resume point are logged again; the tracker hides the earlier attempt's.
+    tracker = RunTracker(accelerator, run_dir, to_dict(config), resumed_at_step=trainer.step + epoch_state.batches_done)
+
+    LOG.info(f"run directory: {run_dir.resolve()}")
+    LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
+             f"mixed precision {accelerator.mixed_precision}; data {config.data.data_dir}: "
+             f"{loaders.num_train} train / {loaders.num_val} val images, {len(loaders.class_names)} classes; "
+             f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}")
+
+    stop = StopRequests().install()
+    policy = CheckpointPolicy(stop, train.log.checkpoint_every_steps, train.log.checkpoint_every_minutes,
+                              accelerator.num_processes, accelerator.is_main_process)
+    run = Run(config=config, options=options, accelerator=accelerator, run_dir=run_dir, loaders=loaders, model=model,
+              optimizer=optimizer, scheduler=scheduler, train_step=train_step,
+              weights=evaluation_weights(train.optim, optimizer), trainer=trainer, metrics_log=metrics_log,
+              tracker=tracker, stop=stop, policy=policy)
+    return run, epoch_state
