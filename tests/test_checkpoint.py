@@ -17,7 +17,7 @@ from helpers import checkpointing_configs as configs
 
 from train import checkpoint as ckpt
 from train.cli import main
-from train.preemption import EXIT_PREEMPTED
+from train.preemption import EXIT_PREEMPTED, StopRequests
 from train.rundir import read_metrics
 
 
@@ -126,6 +126,31 @@ def test_sigterm_checkpoints_and_exits_with_the_preempted_status(reference_run, 
     assert result.returncode == 0, result.stderr
     assert without_timing(read_metrics(out / "metrics.jsonl")) == \
         without_timing(read_metrics(reference_run / "metrics.jsonl"))
+
+
+LATE_SIGNAL = """
+import os, signal, sys
+from train.preemption import StopRequests
+stopping = StopRequests().install()
+os.kill(os.getpid(), signal.SIGUSR1)  # the stop request: checkpoint, then exit 75
+stopping.uninstall()
+print("handlers put away", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # as torchrun's agent sends once another worker has ended
+sys.exit(75)
+"""
+
+
+def test_a_late_stop_signal_does_not_kill_a_process_on_its_way_to_exit_75():
+    result = subprocess.run([sys.executable, "-c", LATE_SIGNAL], cwd=REPO, env=clean_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == EXIT_PREEMPTED, (result.returncode, result.stderr)
+    assert "handlers put away" in result.stdout and result.stderr.count("received SIGUSR1") == 1
+
+
+def test_without_a_stop_request_the_earlier_handlers_come_back():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    StopRequests().install().uninstall()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # ----------------------------------------------------------------------- resume rules

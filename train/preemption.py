@@ -51,8 +51,13 @@ class StopRequests:
         return self
 
     def uninstall(self) -> None:
+        """The handlers from before ``install``; after a stop request, the stop signals ignored instead.
+
+        A stopping process is on its way to exit with EXIT_PREEMPTED, its checkpoint written: a
+        late stop signal must not kill it before then (torchrun's agent sends SIGTERM to the
+        other workers once one has exited; the node launcher sends its signal again)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if self.received is None else signal.SIG_IGN)
         self._previous.clear()
 
 
