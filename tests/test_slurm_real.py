@@ -80,6 +80,12 @@ class Job:
         path = self.root / f"slurm-{self.id}.out"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def shown_output(self) -> str:
+        """The job log, printed as well: pytest shows it in full when the test fails."""
+        text = self.output()
+        print(f"----- slurm-{self.id}.out\n{text}")
+        return text
+
     def metrics(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
         return read_metrics(path) if path.exists() else []
@@ -179,8 +185,8 @@ def outcome(jobs, name: str) -> tuple[Job, dict[str, str]]:
 
 def test_a_job_completes_with_its_exported_model(jobs):
     job, record = outcome(jobs, "completes")
-    output = job.output()
-    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0"), output[-3000:]
+    output = job.shown_output()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0")
     assert f"SLURM job {job.id}: 1 node(s) x 2 process(es) = 2, mixed precision no (CPU processes)" in output
     assert "on 2 process(es), device cpu" in output and "training finished" in output
     assert [r["epoch"] for r in job.metrics()] == list(range(1, EPOCHS + 1))
@@ -190,15 +196,15 @@ def test_a_job_completes_with_its_exported_model(jobs):
 
 def test_usr1_checkpoints_requeues_under_the_same_id_and_resumes_to_the_end(jobs):
     job, record = outcome(jobs, "usr1")
-    output = job.output()
-    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-3000:]
-    assert output.count("received SIGUSR1: stopping after this step") == 2, output[-3000:]  # once per rank
+    output = job.shown_output()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1")
+    assert output.count("received SIGUSR1: stopping after this step") == 2  # once per rank
     assert f"requeueing job {job.id} to resume in runs/{job.id}" in output
     assert ("PENDING", "BeginTime") in job.seen, job.seen  # SLURM's hold of a requeued job, then its start
     assert f"job {job.id} (restart 1)" in output
     # The resumed attempt names the checkpoint the first one wrote, with its own step.
     resumed = re.search(rf"resumed from runs/{job.id}/checkpoints/(\d+): epoch (\d+), batch (\d+), step (\d+)", output)
-    assert resumed, output[-3000:]
+    assert resumed
     assert int(resumed[1]) == int(resumed[4]) > 0
     assert [r["epoch"] for r in job.metrics()] == list(range(1, EPOCHS + 1))  # each epoch once
     assert (job.run_dir / "model" / "model.safetensors").is_file()
@@ -211,24 +217,24 @@ def test_usr1_preempted_and_resumed_run_equals_the_uninterrupted_one(jobs):
 
 def test_plain_scancel_with_loader_workers_checkpoints_and_is_not_requeued(jobs):
     job, record = outcome(jobs, "scancel")
-    output = job.output()
-    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0"), output[-3000:]
+    output = job.shown_output()
+    assert (record["JobState"], record["Restarts"]) == ("CANCELLED", "0")
     # (torchrun's agent, also signalled, prints a traceback of its own: it is not training.)
-    assert "DataLoader worker" not in output and "killed by signal" not in output, output[-3000:]
-    assert output.count("received SIGTERM: stopping after this step with a checkpoint") == 2, output[-3000:]
+    assert "DataLoader worker" not in output and "killed by signal" not in output
+    assert output.count("received SIGTERM: stopping after this step with a checkpoint") == 2
     assert "node launcher: training stopped with a checkpoint (status 75" in output
     log = (job.run_dir / "train.log").read_text()
     # checkpoint_freq = 1000: the only checkpoint is the stop's, after epoch 1.
     checkpoints = sorted((job.run_dir / "checkpoints").iterdir())
-    assert len(checkpoints) == 1 and int(checkpoints[0].name) > job.metrics()[0]["step"], output[-3000:]
+    assert len(checkpoints) == 1 and int(checkpoints[0].name) > job.metrics()[0]["step"]
     assert f"checkpoint: runs/{job.id}/checkpoints/{checkpoints[0].name}" in log
     assert "requeueing" not in output
 
 
 def test_a_failing_config_fails_and_is_not_requeued(jobs):
     job, record = outcome(jobs, "fails")
-    output = job.output()
-    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("FAILED", "2:0", "0"), output[-3000:]
+    output = job.shown_output()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("FAILED", "2:0", "0")
     assert "error: train.toml (with --set): train.lr must be > 0, got -1" in output
     assert "training failed with status 2: not requeued" in output
     assert not (job.run_dir / "checkpoints").exists()
