@@ -18,7 +18,6 @@ SLURM's documented rules for what the tests look at:
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,12 +149,3 @@ def start(attempt: Attempt, env: dict, on_start, timeout: float) -> int:
             if process.poll() is None:
                 os.killpg(process.pid, 9)
                 process.wait()
-
-
-def read_output(attempt: Attempt) -> str:
-    return attempt.output.read_text() if attempt.output.exists() else ""
-
-
-def job_ids(text: str) -> list[int]:
-    """The ids sbatch printed (--parsable or not)."""
-    return [int(n) for n in re.findall(r"^(?:Submitted batch job )?(\d+)(?:;\S+)?$", text, re.M)]
