@@ -133,6 +133,7 @@ def test_submitting_writes_each_tasks_arguments_and_queues_an_array_then_a_depen
     (["--profile", "4xA40", "--train-cfg", "six.toml"], "train.batch_size (6) is not divisible by the number of "
                                                          "processes (4)"),
     (["--output-dir", "data.toml"], "data.toml exists: give the sweep another --output-dir"),
+    (["--output-dir", "data.toml/sweep"], "data.toml/sweep: cannot write the sweep folder (Not a directory)"),
 ])
 def test_bad_input_is_one_line_and_nothing_is_written_or_submitted(submit_root, sweep, args, message):
     write(submit_root / "bad.toml", tiny_train_toml(lr=-1))

@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         check_grid(args, tasks)
         if not args.dry_run and shutil.which("sbatch") is None:
             raise UserError("sbatch is not on the PATH: run this where jobs are submitted (or try --dry-run)")
+        if not args.dry_run:
+            try:
+                write_sweep_folder(args.output_dir, tasks, args)
+            except OSError as exc:
+                raise UserError(f"{args.output_dir}: cannot write the sweep folder ({exc.strerror})") from None
     except UserError as exc:
         return report_error(exc)
     print_plan(args, tasks)
@@ -204,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"$ {shlex.join(array)}\n$ {shlex.join(report_command(args, ARRAY_ID_PLACEHOLDER))}")
         print("dry run: nothing written, nothing submitted")
         return 0
-
-    write_sweep_folder(args.output_dir, tasks, args)
     try:
         print(f"$ {shlex.join(array)}")
         array_id = submit(array, "job array")
