@@ -125,7 +125,7 @@ def test_submitting_writes_each_tasks_arguments_and_queues_an_array_then_a_depen
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--profile", "3xTPU"], "--profile 3xTPU: no launch/3xTPU.sh; profiles: 16xA100, 16xA40, 1xGPU, 32xT4"),
+    (["--profile", "3xTPU"], "--profile 3xTPU: no launch/3xTPU.sh; profiles: 16xA100, 16xA40, "),
     (["--train-cfg", "a.toml", "bad.toml"], "error: bad.toml: train.lr must be > 0, got -1"),
     (["--set", "train.lr=-2"], "a.toml (with --set): train.lr must be > 0, got -2"),
     (["--set", "train.reproduce.seed=4"], "the sweep sets the seed of each run itself; give --seeds"),
