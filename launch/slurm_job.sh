@@ -2,13 +2,15 @@
 # The batch job behind every launch/<profile>.sh: one node launcher per node, stop signals
 # passed on to training, and a requeue when training stopped with a checkpoint.
 #
-#   launch/slurm_job.sh [--cpu-processes N] DATA.toml TRAIN.toml [--set section.key=value ...]
+#   launch/slurm_job.sh [--cpu-processes N] DATA.toml TRAIN.toml [--set section.key=value ...] [--output-dir DIR]
+#   launch/slurm_job.sh [--cpu-processes N] --sweep SWEEP_DIR   (a task of a job array from python -m train.sweep)
 #
 # Run by the profile scripts inside the job, from the directory the job was submitted from
 # (the repository root); the CPU profiles pass --cpu-processes (N processes per node on its
-# CPUs, no GPUs). The run directory is runs/<SLURM_JOB_ID>: a requeued job keeps its
-# id, so it finds its checkpoints there and resumes. Environment: PYTHON (default
-# .venv/bin/python), MIXED_PRECISION (bf16, fp16 or no: instead of deciding from the GPUs).
+# CPUs, no GPUs). The run directory is runs/<SLURM_JOB_ID>, or the --output-dir given: a
+# requeued job keeps its id and its arguments, so it finds its checkpoints there and resumes.
+# Environment: PYTHON (default .venv/bin/python), MIXED_PRECISION (bf16, fp16 or no: instead of
+# deciding from the GPUs).
 set -uo pipefail  # no -e: the training status is looked at below
 
 # The trainer's status after a stop signal once its checkpoint is written (EX_TEMPFAIL,
@@ -34,6 +36,22 @@ if [[ "${1:-}" == --cpu-processes ]]; then
     launcher_args+=(--cpu-processes "$2")
     shift 2
 fi
+# A sweep's array tasks all get "--sweep DIR"; task N's own arguments (its train config, seed
+# and run directory) are the lines of DIR/tasks/N.args. A requeued task keeps its
+# SLURM_ARRAY_TASK_ID (it is how SLURM names it: <array job id>_<task id>), hence its run.
+if [[ "${1:-}" == --sweep ]]; then
+    if [[ $# -ne 2 || -z "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+        echo "error: --sweep DIR is for the tasks of a job array that python -m train.sweep submits" >&2
+        exit "$EXIT_USAGE"
+    fi
+    task_file=$2/tasks/$SLURM_ARRAY_TASK_ID.args
+    if [[ ! -f "$task_file" ]]; then
+        echo "error: no arguments for task $SLURM_ARRAY_TASK_ID of this array: $task_file not found" >&2
+        exit "$EXIT_USAGE"
+    fi
+    mapfile -t task_args < "$task_file"
+    set -- "${task_args[@]}"
+fi
 (( $# >= 2 )) || usage
 data_cfg=$1
 train_cfg=$2
@@ -51,6 +69,18 @@ if ! command -v "$python" >/dev/null; then
 fi
 
 output_dir=runs/$SLURM_JOB_ID
+previous=
+for arg in "$@"; do  # a run directory given (a sweep task's, a run resubmitted by hand) is the one
+    if [[ "$previous" == --output-dir ]]; then output_dir=$arg; fi
+    if [[ "$arg" == --output-dir=* ]]; then output_dir=${arg#--output-dir=}; fi
+    previous=$arg
+done
+# scontrol given an array's own job id acts on every task of the array, and that id is also
+# the SLURM_JOB_ID of one of its tasks: a task is named <array job id>_<task id> instead.
+job=$SLURM_JOB_ID
+if [[ -n "${SLURM_ARRAY_JOB_ID:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+fi
 launcher_args+=(--config-dir "$output_dir/launch")
 if [[ -n "${MIXED_PRECISION:-}" ]]; then
     if [[ ! "$MIXED_PRECISION" =~ ^(bf16|fp16|no)$ ]]; then
@@ -59,7 +89,7 @@ if [[ -n "${MIXED_PRECISION:-}" ]]; then
     fi
     launcher_args+=(--mixed-precision "$MIXED_PRECISION")
 fi
-echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run directory $output_dir"
+echo "job $job (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run directory $output_dir"
 
 # One task per node; each node launcher starts that node's training processes (one per GPU).
 srun --nodes="${SLURM_NNODES:-1}" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
@@ -97,8 +127,8 @@ case $status in
         echo "training finished: $output_dir"
         ;;
     "$EXIT_PREEMPTED")
-        echo "training stopped with a checkpoint: requeueing job $SLURM_JOB_ID to resume in $output_dir"
-        if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "training stopped with a checkpoint: requeueing job $job to resume in $output_dir"
+        if ! scontrol requeue "$job"; then
             echo "error: scontrol requeue failed; to resume, submit again with --output-dir $output_dir" >&2
         fi
         ;;

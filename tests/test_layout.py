@@ -20,7 +20,7 @@ LAYERS = {
               "preemption", "rundir"],
     "startup": ["startup"],
     "loop": ["loop"],
-    "entry points": ["cli", "__main__", "evaluate", "hub", "report", "benchmark", "dataset_tools"],
+    "entry points": ["cli", "__main__", "evaluate", "hub", "report", "sweep", "benchmark", "dataset_tools"],
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import data, models, optim
-from .config import describe_source, load_config
+from .config import Config, describe_source, load_config
 from .errors import EXIT_USER_ERROR, UserError, first_line
 from .loop import fit
 from .preemption import EXIT_PREEMPTED, Preempted
@@ -44,6 +44,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_checked_config(data_cfg: Path, train_cfg: Path, overrides: list[str], num_processes: int) -> Config:
+    """The config as a run would start with it: files, overrides, and what the chosen model,
+    optimizer and loader accept; raises UserError."""
+    config = load_config(data_cfg, train_cfg, overrides, num_processes)
+    models.resolve_arch(config.train.arch)
+    optim.check_supported(config.train.optim, describe_source(train_cfg, "train", overrides))
+    data.check_supported(config.data, describe_source(data_cfg, "data", overrides))
+    return config
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -55,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         data_cfg = args.data_cfg or BUILTIN_DATA
         train_cfg = args.train_cfg or BUILTIN_TRAIN
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
-        config = load_config(data_cfg, train_cfg, args.overrides, num_processes)
-        models.resolve_arch(config.train.arch)
-        optim.check_supported(config.train.optim, describe_source(train_cfg, "train", args.overrides))
-        data.check_supported(config.data, describe_source(data_cfg, "data", args.overrides))
+        config = load_checked_config(data_cfg, train_cfg, args.overrides, num_processes)
     except UserError as exc:
         # Every process validates the same files and fails alike: one report is enough.
         if _is_main_process():

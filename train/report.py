@@ -20,6 +20,13 @@ with a warning and left out of the statistics. Besides the seed, keys that do no
 is trained are ignored when grouping: logging and checkpoint cadence, evaluation frequency,
 where the data lives and the number of loader workers (as for resuming, see
 ``checkpoint.SAFE_TO_CHANGE``; ``train.max_epochs`` does change the results and is compared).
+
+``--compare seed`` puts a published table beside ours (``train/references/seed.toml``: the
+seed's ResNet-50 rows). A group is compared with the published row of the same model
+(``train.arch``) and optimizer, whatever else differs; its Top-1 and Top-5 cells are marked
+✓ when its mean lies inside the published mean ± 2σ and ✗ when outside, the published row is
+printed under it, and the plots draw the published mean ± 2σ as a band in the group's colour.
+Training times are shown, not marked: they depend on the hardware.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
+import textwrap
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +52,8 @@ IGNORED_WHEN_GROUPING = (SAFE_TO_CHANGE - {"train.max_epochs"}) | {SEED_KEY}
 NAMED_KEYS = {"train.arch", "train.optim.name", "train.optim.v2"}
 OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "sgd-schedule-free": "Schedule-Free SGD",
                    "adamw-schedule-free": "Schedule-Free AdamW"}
+REFERENCES = Path(__file__).parent / "references"  # published tables for --compare, one TOML each
+INSIDE, OUTSIDE = "✓", "✗"
 PLOTS = {  # file name -> (x: "step" or "time", metric, what the metric is called)
     "step_vs_acc1.png": ("step", "val_acc1", "Top-1"),
     "step_vs_acc5.png": ("step", "val_acc5", "Top-5"),
@@ -71,6 +82,41 @@ class Run:
 class Group:
     label: str
     runs: list[Run]  # finished runs only, sorted by seed
+
+    @property
+    def config(self) -> dict:
+        return self.runs[0].config  # the same for all runs but the seed and what does not matter
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published row: a model and optimizer's last evaluation, each value as (mean, 2σ)."""
+    arch: str
+    optimizer: str
+    epochs: int
+    steps: int
+    runs: int
+    top1: tuple[float, float]
+    top5: tuple[float, float]
+    hours: tuple[float, float] | None = None
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch} {self.optimizer}"
+
+
+@dataclass
+class Comparison:
+    """A published table (``--compare NAME``) and which of our groups each of its rows matches."""
+    name: str
+    description: str
+    rows: list[Reference]
+
+    def match(self, group: Group) -> Reference | None:
+        """The row of the group's model and optimizer: what "matching" means, and all it means."""
+        return next((row for row in self.rows if row.arch == group.config["train.arch"]
+                     and row.optimizer == optimizer_name(group.config)), None)
 
 
 # -------------------------------------------------------------------------- reading runs
@@ -103,6 +149,18 @@ def load_run(path: Path) -> Run:
         raise UserError(f"{config_path}: cannot read ({exc.strerror})") from None
     config = load_config_text(text, str(config_path))
     return Run(path, flatten(to_dict(config)), read_metrics(path / "metrics.jsonl"))
+
+
+def reference_names() -> list[str]:
+    return sorted(path.stem for path in REFERENCES.glob("*.toml"))
+
+
+def load_comparison(name: str) -> Comparison:
+    with open(REFERENCES / f"{name}.toml", "rb") as f:
+        table = tomllib.load(f)
+    rows = [Reference(**{key: tuple(value) if isinstance(value, list) else value for key, value in row.items()})
+            for row in table["rows"]]
+    return Comparison(name, table["description"], rows)
 
 
 # ------------------------------------------------------------------------------ grouping
@@ -177,16 +235,66 @@ def format_span(values) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
-def results_table(groups: list[Group]) -> str:
+def format_reference(value: tuple[float, float] | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+
+def inside_band(mean: float, reference: tuple[float, float], digits: int = 4) -> bool:
+    """Whether ``mean`` lies in the published mean ± 2σ, edges included, to the digits the table
+    prints: the mark agrees with the numbers beside it (77.2087 is inside 77.3860 ± 0.1773)."""
+    centre, two_sd = reference
+    return round(centre - two_sd, digits) <= round(mean, digits) <= round(centre + two_sd, digits)
+
+
+def marked(values, reference: tuple[float, float] | None) -> str:
+    """``mean ± 2σ``, followed by ✓ or ✗ when there is a published value to hold it against."""
+    cell = format_stat(values)
+    if reference is None:
+        return cell
+    return f"{cell} {INSIDE if inside_band(mean_and_2sd(values)[0], reference) else OUTSIDE}"
+
+
+def results_table(groups: list[Group], comparison: Comparison | None = None) -> str:
     rows = ["| Epoch | Steps | Optimizer / config | Runs | Top-1 Acc. (%) | Top-5 Acc. (%) | Training Time (hours) |",
             "|:-----:|:-----:|:-------------------|:----:|:--------------:|:--------------:|:---------------------:|"]
     for group in groups:
         last = [run.records[-1] for run in group.runs]
+        reference = comparison.match(group) if comparison else None
         rows.append(f"| {format_span([r['epoch'] for r in last])} | {format_span([r['step'] for r in last])} "
-                    f"| {group.label} | {len(group.runs)} | {format_stat([r['val_acc1'] for r in last])} "
-                    f"| {format_stat([r['val_acc5'] for r in last])} "
+                    f"| {group.label} | {len(group.runs)} "
+                    f"| {marked([r['val_acc1'] for r in last], reference and reference.top1)} "
+                    f"| {marked([r['val_acc5'] for r in last], reference and reference.top5)} "
                     f"| {format_stat([r['train_time_s'] / 3600 for r in last])} |")
+        if reference:
+            rows.append(f"| {reference.epochs} | {reference.steps} | {comparison.name}: {reference.label} "
+                        f"| {reference.runs} | {format_reference(reference.top1)} | {format_reference(reference.top5)} "
+                        f"| {format_reference(reference.hours)} |")
     return "\n".join(rows)
+
+
+def comparison_notes(groups: list[Group], comparison: Comparison) -> list[str]:
+    """What the marks mean, what was matched with what, and what could not be."""
+    matched = {group.label: comparison.match(group) for group in groups}
+    optimizers = ", ".join(dict.fromkeys(row.optimizer for row in comparison.rows))
+    models = ", ".join(dict.fromkeys(row.arch for row in comparison.rows))
+    notes = [f"Compared with {comparison.description}. A group of runs is compared with the {comparison.name}'s "
+             f"row of the same model (train.arch: {models}) and optimizer ({optimizers}), whatever else differs. "
+             f"{INSIDE}: our mean lies inside the {comparison.name}'s mean ± 2σ (the row under ours); {OUTSIDE}: "
+             f"outside. Training times are not marked: they depend on the hardware."]
+    for group in groups:
+        reference = matched[group.label]
+        if reference and reference.epochs != group.config["train.max_epochs"]:
+            notes.append(f"{group.label}: {group.config['train.max_epochs']} epochs, the {comparison.name}'s row "
+                         f"{reference.epochs}: compared all the same")
+    for reference in dict.fromkeys(r for r in matched.values() if r and r.note):
+        notes.append(f"{comparison.name}: {reference.label}: {reference.note}")
+    unmatched = [label for label, reference in matched.items() if reference is None]
+    if unmatched:
+        notes.append(f"no {comparison.name} row for: {'; '.join(unmatched)}")
+    unused = [row.label for row in comparison.rows if row not in matched.values()]
+    if unused:
+        notes.append(f"{comparison.name} rows with no runs here: {'; '.join(unused)}")
+    return notes
 
 
 def curve(group: Group, metric: str) -> dict[str, np.ndarray]:
@@ -210,7 +318,52 @@ def time_unit(seconds: float) -> tuple[str, float]:
 # --------------------------------------------------------------------------------- plots
 
 
-def write_plots(groups: list[Group], out: Path) -> list[Path]:
+def draw_reference(axes, reference: Reference, metric: str, color, name: str) -> tuple[float, float]:
+    """The published mean ± 2σ of the last evaluation as a band across the plot, its mean dashed.
+
+    Returns the band's (low, high)."""
+    mean, two_sd = reference.top1 if metric == "val_acc1" else reference.top5
+    axes.axhspan(mean - two_sd, mean + two_sd, color=color, alpha=0.3, linewidth=0, gid=f"reference {reference.label}")
+    axes.axhline(mean, color=color, linestyle="--", linewidth=1,
+                 label=f"{name}: {reference.optimizer} {mean:.2f} ± {two_sd:.2f}")
+    return mean - two_sd, mean + two_sd
+
+
+def draw_curves(axes, groups: list[Group], x_kind: str, metric: str, seconds_per_unit: float,
+                comparison: Comparison | None) -> tuple[list[float], list[float]]:
+    """One line (the mean) per group with its ± 2σ band, and the published band of the group's
+    match. Returns what the comparison is about: the accuracies (published bands, our last
+    means ± 2σ) and where the compared groups end on the x axis."""
+    compared, ends = [], []
+    for group in groups:
+        c = curve(group, metric)
+        x = c["step"] if x_kind == "step" else c["time_s"] / seconds_per_unit
+        many = len(x) > 30
+        line, = axes.plot(x, c["mean"], marker=None if many else "o", markersize=3, linewidth=1.5,
+                          label=f"{group.label}  (n={len(group.runs)})")
+        if len(group.runs) > 1:  # clipped to what an accuracy can be
+            low, high = np.clip(c["mean"] - c["two_sd"], 0, 100), np.clip(c["mean"] + c["two_sd"], 0, 100)
+            axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        reference = comparison.match(group) if comparison else None
+        if reference:
+            compared += [*draw_reference(axes, reference, metric, line.get_color(), comparison.name),
+                         c["mean"][-1] - c["two_sd"][-1], c["mean"][-1] + c["two_sd"][-1]]
+            ends.append(float(x[-1]))
+    return compared, ends
+
+
+def zoom_on_the_end(axes, compared: list[float], ends: list[float], x_span: float) -> None:
+    """Limits that show where the compared groups end, and their accuracies large enough to tell
+    inside from outside: a band of ± 0.2% is a hair's width on a 0-80% axis."""
+    low, high = min(compared), max(compared)
+    pad = max(0.15 * (high - low), 0.2)
+    axes.set_ylim(low - pad, high + pad)
+    axes.set_xlim(min(ends) - 0.1 * x_span, max(ends) + 0.02 * x_span)
+
+
+def accuracy_figure(groups: list[Group], x_kind: str, metric: str, metric_name: str,
+                    comparison: Comparison | None = None):
+    """One plot; with a comparison that matches a group, a second panel zooms on the end."""
     from matplotlib.figure import Figure  # no pyplot: no GUI back-end, no global state
     from matplotlib.ticker import MaxNLocator
 
@@ -218,30 +371,37 @@ def write_plots(groups: list[Group], out: Path) -> list[Path]:
     unit, seconds_per_unit = time_unit(longest)
     runs_per_group = sorted({len(group.runs) for group in groups})
     over = f"{runs_per_group[0]}" if len(runs_per_group) == 1 else f"{runs_per_group[0]}–{runs_per_group[-1]}"
-    written = []
-    for name, (x_kind, metric, metric_name) in PLOTS.items():
-        figure = Figure(figsize=(7.5, 5), dpi=120, layout="constrained")
-        axes = figure.add_subplot()
-        for group in groups:
-            c = curve(group, metric)
-            x = c["step"] if x_kind == "step" else c["time_s"] / seconds_per_unit
-            many = len(x) > 30
-            line, = axes.plot(x, c["mean"], marker=None if many else "o", markersize=3, linewidth=1.5,
-                              label=f"{group.label}  (n={len(group.runs)})")
-            if len(group.runs) > 1:  # clipped to what an accuracy can be
-                low, high = np.clip(c["mean"] - c["two_sd"], 0, 100), np.clip(c["mean"] + c["two_sd"], 0, 100)
-                axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-        x_name = "Iterations (optimizer steps)" if x_kind == "step" else f"Training time ({unit}, evaluation excluded)"
+    zoomed = comparison is not None and any(comparison.match(group) for group in groups)
+    figure = Figure(figsize=(12, 5.5) if zoomed else (7.5, 5), dpi=120, layout="constrained")
+    panels = figure.subplots(1, 2, width_ratios=[3, 2]) if zoomed else [figure.add_subplot()]
+    x_name = "Iterations (optimizer steps)" if x_kind == "step" else f"Training time ({unit}, evaluation excluded)"
+    for axes in panels:
+        compared, ends = draw_curves(axes, groups, x_kind, metric, seconds_per_unit, comparison)
         axes.set_xlabel(x_name)
         if x_kind == "step":
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(f"{metric_name} validation accuracy (%)")
-        axes.set_title(f"{metric_name} accuracy vs. {'iterations' if x_kind == 'step' else 'training time'}\n"
-                       f"mean of {over} runs per line, band: ± 2 standard deviations", fontsize=11)
         axes.grid(True, alpha=0.3)
-        axes.legend(loc="lower right", fontsize=9)
+    title = (f"{metric_name} accuracy vs. {'iterations' if x_kind == 'step' else 'training time'}\n"
+             f"mean of {over} runs per line, band: ± 2 standard deviations")
+    if zoomed:
+        main, zoom = panels
+        main.set_title(title, fontsize=11)
+        zoom_on_the_end(zoom, compared, ends, x_span=float(np.ptp(main.dataLim.intervalx)))
+        zoom.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=x_kind == "step"))
+        zoom.set_title(f"the end, zoomed\nshaded: the {comparison.name}'s mean ± 2σ", fontsize=11)
+        figure.legend(*main.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    else:
+        panels[0].set_title(title, fontsize=11)
+        panels[0].legend(loc="lower right", fontsize=9)
+    return figure
+
+
+def write_plots(groups: list[Group], out: Path, comparison: Comparison | None = None) -> list[Path]:
+    written = []
+    for name, (x_kind, metric, metric_name) in PLOTS.items():
         path = out / name
-        figure.savefig(path)
+        accuracy_figure(groups, x_kind, metric, metric_name, comparison).savefig(path)
         written.append(path)
     return written
 
@@ -249,11 +409,14 @@ def write_plots(groups: list[Group], out: Path) -> list[Path]:
 # ---------------------------------------------------------------------------- the report
 
 
-def markdown(groups: list[Group], unfinished: list[Run]) -> str:
+def markdown(groups: list[Group], unfinished: list[Run], comparison: Comparison | None = None) -> str:
     lines = ["# Results", "",
              "Last evaluation of each run; each cell is the mean ± 2 sample standard deviations over the "
-             "group's runs (the mean alone for a single run).", "", results_table(groups), "",
-             "| ![](step_vs_acc1.png) | ![](step_vs_acc5.png) |", "|:--:|:--:|",
+             "group's runs (the mean alone for a single run).", "", results_table(groups, comparison), ""]
+    if comparison:
+        first, *rest = comparison_notes(groups, comparison)
+        lines += [first, ""] + [f"- {note}" for note in rest] + ([""] if rest else [])
+    lines += ["| ![](step_vs_acc1.png) | ![](step_vs_acc5.png) |", "|:--:|:--:|",
              "| # of Iterations vs. Top-1 Acc. | # of Iterations vs. Top-5 Acc. |", "",
              "| ![](time_vs_acc1.png) | ![](time_vs_acc5.png) |", "|:--:|:--:|",
              "| Training time vs. Top-1 Acc. | Training time vs. Top-5 Acc. |", "", "## Runs", ""]
@@ -274,6 +437,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run directories, globs (quoted: 'runs/r50-*'), or folders holding run directories")
     parser.add_argument("--out", type=Path, default=Path("report"),
                         help="where results.md and the four PNG plots go (default: report/)")
+    parser.add_argument("--compare", choices=reference_names(), default=None,
+                        help="put a published table beside ours: 'seed' is the seed project's ResNet-50 rows, "
+                             "matched by model and optimizer, with ✓/✗ for our mean inside/outside its ± 2σ")
     return parser.parse_args(argv)
 
 
@@ -293,10 +459,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.out}: cannot create the output folder ({exc.strerror})") from None
     except UserError as exc:
         return report_error(exc)
+    comparison = load_comparison(args.compare) if args.compare else None
     results = args.out / "results.md"
-    results.write_text(markdown(groups, unfinished), encoding="utf-8")
-    plots = write_plots(groups, args.out)
-    print(results_table(groups))
+    results.write_text(markdown(groups, unfinished, comparison), encoding="utf-8")
+    plots = write_plots(groups, args.out, comparison)
+    print(results_table(groups, comparison))
+    if comparison:
+        print("\n" + "\n".join(textwrap.wrap(comparison_notes(groups, comparison)[0], width=100)))
+        print("\n".join(f"- {note}" for note in comparison_notes(groups, comparison)[1:]))
     print(f"\n{len(runs) - len(unfinished)} finished run(s) in {len(groups)} group(s); wrote {results} and "
           f"{', '.join(p.name for p in plots)}")
     return 0
