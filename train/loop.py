@@ -20,6 +20,7 @@ from .checkpoint import EpochState
 from .config import Config
 from .data import to_device
 from .export import write_model_folder
+from .models import bare_model
 from .optim import reported_lr
 from .optim.batchnorm import recompute_running_stats
 from .preemption import Action, Preempted
@@ -119,7 +120,7 @@ def recompute_batchnorm(run: Run) -> int:
     num_batches = min(loaders.steps_per_epoch, -(-train.num_samples_for_stats // train.batch_size))
     images = (to_device(images, labels, accelerator.device, train.channels_last)[0]
               for images, labels in itertools.islice(loaders.train_stats(), num_batches))
-    used = recompute_running_stats(accelerator.unwrap_model(run.model), images,
+    used = recompute_running_stats(bare_model(accelerator, run.model), images,
                                    lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
     return used * train.batch_size
 
@@ -159,7 +160,7 @@ def finish(run: Run) -> dict:
     trainer, accelerator = run.trainer, run.accelerator
     record = trainer.metrics[-1] if trainer.metrics else {}
     if accelerator.is_main_process and record:
-        model_dir = write_model_folder(run.run_dir / "model", accelerator.unwrap_model(run.model), run.config,
+        model_dir = write_model_folder(run.run_dir / "model", bare_model(accelerator, run.model), run.config,
                                        tuple(trainer.class_names), trainer.metrics, run.options.command,
                                        tuple(trainer.class_descriptions))
         LOG.info(run_summary(record, trainer.metrics, run.config.train.max_epochs, run.run_dir,

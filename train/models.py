@@ -59,3 +59,14 @@ def use_sync_batchnorm(model: torch.nn.Module, num_processes: int, device_type: 
         raise UserError("train.sync_bn = true needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU "
                         f"({num_processes} CPU processes); set train.sync_bn = false")
     return timm.layers.convert_sync_batchnorm(model)
+
+
+def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without Accelerate's wrappers (DDP, torch.compile), for evaluation, buffers and export.
+
+    ``keep_torch_compile=False`` matters: with Accelerate's default (True) the call points the
+    compiled wrapper's ``_orig_mod`` at the bare model, so the training forward no longer runs
+    through DDP (``no_sync`` stops meaning anything, and exported names gain ``_orig_mod.``).
+    The bare model shares its parameters with the compiled one, so this loses nothing.
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
