@@ -42,7 +42,7 @@ def fit(config: Config, options: RunOptions) -> dict:
         while run.trainer.epoch < train.max_epochs:
             epoch = run.trainer.epoch
             if not train_one_epoch(run, epoch_state):
-                raise Preempted(f"stopped by signal {run.stop.received} after step "
+                raise Preempted(f"stopped by {run.stop.describe()} after step "
                                 f"{run.trainer.step + epoch_state.batches_done}")
             train_loss = epoch_mean_loss(run, epoch_state)
             run.trainer = dataclasses.replace(run.trainer, epoch=epoch + 1,
@@ -51,10 +51,11 @@ def fit(config: Config, options: RunOptions) -> dict:
             last_epoch = epoch + 1 == train.max_epochs
             if (epoch + 1) % train.eval_freq == 0 or last_epoch:
                 evaluate_and_record(run, train_loss, epoch_state)
-            if (epoch + 1) % train.log.checkpoint_freq == 0 or last_epoch or run.stop.received is not None:
+            stopping = run.policy.stop_agreed()  # a signal may have reached some processes only
+            if (epoch + 1) % train.log.checkpoint_freq == 0 or last_epoch or stopping:
                 save_checkpoint(run, EpochState())
-            if run.stop.received is not None:
-                raise Preempted(f"stopped by signal {run.stop.received} after epoch {epoch + 1}")
+            if stopping:
+                raise Preempted(f"stopped by {run.stop.describe()} after epoch {epoch + 1}")
             epoch_state = EpochState()
     finally:
         run.stop.uninstall()

@@ -187,7 +187,7 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
 
     stop = StopRequests().install()
     policy = CheckpointPolicy(stop, train.log.checkpoint_every_steps, train.log.checkpoint_every_minutes,
-                              accelerator.num_processes, accelerator.is_main_process)
+                              train.log.log_freq, accelerator.is_main_process, accelerator.device)
     run = Run(config=config, options=options, accelerator=accelerator, run_dir=run_dir, loaders=loaders, model=model,
               optimizer=optimizer, scheduler=scheduler, train_step=train_step,
               weights=evaluation_weights(train.optim, optimizer), trainer=trainer, metrics_log=metrics_log,
