@@ -7,7 +7,8 @@
 # Run by the profile scripts inside the job, from the directory the job was submitted from
 # (the repository root). The run directory is runs/<SLURM_JOB_ID>: a requeued job keeps its
 # id, so it finds its checkpoints there and resumes. Environment: PYTHON (default
-# .venv/bin/python), MIXED_PRECISION (bf16, fp16 or no: instead of deciding from the GPUs).
+# .venv/bin/python), MIXED_PRECISION (bf16, fp16 or no: instead of deciding from the GPUs),
+# NETWORK_INTERFACE (the interface between nodes, e.g. ib0: NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
 set -uo pipefail  # no -e: the training status is looked at below
 
 # The trainer's status after a stop signal once its checkpoint is written (EX_TEMPFAIL,
@@ -44,6 +45,9 @@ output_dir=runs/$SLURM_JOB_ID
 launcher_args=(--config-dir "$output_dir/launch")
 if [[ -n "${MIXED_PRECISION:-}" ]]; then
     launcher_args+=(--mixed-precision "$MIXED_PRECISION")
+fi
+if [[ -n "${NETWORK_INTERFACE:-}" ]]; then
+    launcher_args+=(--network-interface "$NETWORK_INTERFACE")
 fi
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run directory $output_dir"
 

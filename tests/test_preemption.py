@@ -9,6 +9,8 @@ processes agree is checked on the policy itself, with a fake clock.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -38,10 +40,17 @@ def launch(args: list[str], status_dir: Path, stop: str | None = None) -> list[i
         old.unlink()
     env = {"TRAIN_WORKER_STATUS_DIR": str(status_dir), **({"STOP_ONE_PROCESS": stop} if stop else {})}
     command = accelerate_launch(2, port=next(PORTS)) + [str(WORKER), *args]
-    result = subprocess.run(command, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=400)
+    process = subprocess.Popen(command, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the workers too: they may be waiting on each other
+        _, stderr = process.communicate()
+        pytest.fail(f"the processes hung: {stderr[-2000:]}")
     statuses = [int((status_dir / f"{rank}.exit").read_text()) for rank in range(2)
                 if (status_dir / f"{rank}.exit").exists()]
-    assert len(statuses) == 2, result.stderr[-3000:]
+    assert len(statuses) == 2, stderr[-3000:]
     return statuses
 
 

@@ -22,7 +22,7 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
-from .models import build_model, use_sync_batchnorm
+from .models import build_model, choose_channels_last, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
@@ -155,6 +155,10 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
                         train.preprocess.val_crop_size)
     if train.sync_bn:
         model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
+    # "auto" is decided once, here; the loop reads the decision from the run's config.
+    train = dataclasses.replace(train, channels_last=choose_channels_last(train.channels_last,
+                                                                          accelerator.device.type, model))
+    config = dataclasses.replace(config, train=train)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch)
@@ -181,7 +185,8 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
 
     LOG.info(f"run directory: {run_dir.resolve()}")
     LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
-             f"mixed precision {accelerator.mixed_precision}; data {config.data.data_dir}: "
+             f"mixed precision {accelerator.mixed_precision}, channels_last {str(train.channels_last).lower()}; "
+             f"data {config.data.data_dir}: "
              f"{loaders.num_train} train / {loaders.num_val} val images, {len(loaders.class_names)} classes; "
              f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}")
 
