@@ -203,3 +203,19 @@ def test_fp16_two_step_sam_never_reads_the_device_between_its_passes(monkeypatch
         assert updated
         first, second = [i for i, event in enumerate(events) if event == "forward"]
         assert events[first + 1:second] == [], events
+
+
+def test_fp16_overflow_on_another_process_skips_the_step_here_too(monkeypatch):
+    """Two-step SAM's first gradients are local: an overflow on one process alone must skip the
+    step on all (the all-reduce of the overflow flag is simulated: the other process found one)."""
+    weight, bias, batches = tiny_problem(steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    step, model, optimizer = prepared_step(linear_model(weight, bias), sam_config(v2=False), scaler=scaler)
+    reduce = step.accelerator.reduce
+    monkeypatch.setattr(step.accelerator, "reduce", lambda tensor, op: reduce(tensor, op) + 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, updated = step(*batches[0])
+    assert not updated
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 12 * scaler.get_backoff_factor()
+    assert not optimizer.state[model.weight]  # no momentum buffer: the optimizer never stepped
