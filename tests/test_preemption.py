@@ -33,15 +33,18 @@ def configs(tmp: Path, folder: Path) -> list[str]:
     return ["--data-cfg", str(data), "--train-cfg", str(train)]
 
 
-def launch(args: list[str], status_dir: Path, stop: str | None = None) -> list[int]:
-    """Both processes' exit statuses (through stop_worker.py, which records them)."""
+def launch(args: list[str], status_dir: Path, stop: str | None = None, preexec_fn=None,
+           stderr_lines: list[str] | None = None) -> list[int]:
+    """Both processes' exit statuses (through stop_worker.py, which records them); ``preexec_fn``
+    runs in the launcher's process before it starts (its limits pass on to the workers), and
+    ``stderr_lines`` receives what the run printed on stderr."""
     status_dir.mkdir(parents=True, exist_ok=True)
     for old in status_dir.glob("*"):
         old.unlink()
     env = {"TRAIN_WORKER_STATUS_DIR": str(status_dir), **({"STOP_ONE_PROCESS": stop} if stop else {})}
     command = accelerate_launch(2, port=next(PORTS)) + [str(WORKER), *args]
     process = subprocess.Popen(command, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec_fn)
     try:
         _, stderr = process.communicate(timeout=400)
     except subprocess.TimeoutExpired:
@@ -51,6 +54,8 @@ def launch(args: list[str], status_dir: Path, stop: str | None = None) -> list[i
     statuses = [int((status_dir / f"{rank}.exit").read_text()) for rank in range(2)
                 if (status_dir / f"{rank}.exit").exists()]
     assert len(statuses) == 2, stderr[-3000:]
+    if stderr_lines is not None:
+        stderr_lines += stderr.splitlines()
     return statuses
 
 

@@ -9,7 +9,9 @@ handling. The loop (``loop.py``) receives the result and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,7 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
+from .errors import SharedUserError, StorageError
 from .models import build_model, choose_channels_last, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
@@ -107,10 +110,29 @@ def resolve_run_dir(accelerator: Accelerator, options: RunOptions) -> Path:
         stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(stamp, from_process=0)
         run_dir = default_run_dir(options.job_id, stamp[0])
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
+    problem = [create_run_dir(run_dir) if accelerator.is_main_process else None]
+    broadcast_object_list(problem, from_process=0)  # every process stops alike, none waits for the main one
+    if problem[0] is not None:
+        storage, message = problem[0]
+        raise StorageError(message) if storage else SharedUserError(message)
     return run_dir
+
+
+def create_run_dir(run_dir: Path) -> tuple[bool, str] | None:
+    """Create the run directory; None when it is there and writable, else (whether the disk is
+    full, a one-line message naming it)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        where = f"--output-dir {run_dir}: cannot create the run directory"
+        blocker = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) and blocker is not None and not blocker.is_dir():
+            return False, f"{where}: {blocker} is a file, not a folder"
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return full, f"{where} ({exc.strerror or exc}); choose another --output-dir"
+    return None
 
 
 def start_afresh(run_dir: Path) -> None:
