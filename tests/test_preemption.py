@@ -22,7 +22,7 @@ from train import preemption
 from train.preemption import EXIT_PREEMPTED, Action, CheckpointPolicy, StopRequests
 from train.rundir import read_metrics
 
-WORKER = Path(__file__).resolve().parent / "stop_worker.py"
+WORKER = Path(__file__).resolve().parent / "hooked_worker.py"
 PORTS = iter(range(29651, 29660))
 
 
@@ -34,14 +34,14 @@ def configs(tmp: Path, folder: Path) -> list[str]:
 
 
 def launch(args: list[str], status_dir: Path, stop: str | None = None, preexec_fn=None,
-           stderr_lines: list[str] | None = None) -> list[int]:
-    """Both processes' exit statuses (through stop_worker.py, which records them); ``preexec_fn``
-    runs in the launcher's process before it starts (its limits pass on to the workers), and
-    ``stderr_lines`` receives what the run printed on stderr."""
+           stderr_lines: list[str] | None = None, **env) -> list[int]:
+    """Both processes' exit statuses (through hooked_worker.py, which records them); ``preexec_fn``
+    runs in the launcher's process before it starts (its limits pass on to the workers),
+    ``stderr_lines`` receives what the run printed on stderr, ``env`` adds to the environment."""
     status_dir.mkdir(parents=True, exist_ok=True)
     for old in status_dir.glob("*"):
         old.unlink()
-    env = {"TRAIN_WORKER_STATUS_DIR": str(status_dir), **({"STOP_ONE_PROCESS": stop} if stop else {})}
+    env.update({"TRAIN_WORKER_STATUS_DIR": str(status_dir), **({"STOP_ONE_PROCESS": stop} if stop else {})})
     command = accelerate_launch(2, port=next(PORTS)) + [str(WORKER), *args]
     process = subprocess.Popen(command, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec_fn)

@@ -12,6 +12,9 @@ import dataclasses
 import errno
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +27,7 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
-from .errors import SharedUserError, StorageError
+from .errors import SharedUserError, StorageError, UserError, first_line
 from .models import build_model, choose_channels_last, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
@@ -32,6 +35,8 @@ from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .tracking import RunTracker
 
 LOG = logging.getLogger("train")
+# How often processes waiting for the main process's one-off work ask whether it is done.
+POLL_S = 2.0
 
 
 @dataclass
@@ -135,6 +140,44 @@ def create_run_dir(run_dir: Path) -> tuple[bool, str] | None:
     return None
 
 
+def on_main_process(accelerator: Accelerator, work: Callable[[], None]) -> None:
+    """Run ``work`` on the main process alone while the others wait; an error it raises stops
+    every process (the main one reports it).
+
+    The others ask every POLL_S seconds whether it is done, with a small all-reduce each time:
+    no process sits in one collective long enough to trip NCCL's timeout, however long the
+    work takes (the first verification of ImageNet decodes 1.33 M images).
+    """
+    if accelerator.num_processes == 1:
+        work()
+        return
+    failure: list[BaseException | None] = [None]
+    worker = None
+    if accelerator.is_main_process:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # handed to the main thread below
+                failure[0] = exc
+        worker = threading.Thread(target=run, name="main-process-work", daemon=True)
+        worker.start()
+    while True:
+        done = torch.tensor([int(worker is not None and not worker.is_alive())], device=accelerator.device)
+        if accelerator.reduce(done, "sum").item():
+            break
+        if worker is not None:
+            worker.join(POLL_S)
+        else:
+            time.sleep(POLL_S)
+    outcome = [None if failure[0] is None else (isinstance(failure[0], UserError), first_line(failure[0]))]
+    broadcast_object_list(outcome, from_process=0)
+    if failure[0] is not None:
+        raise failure[0]
+    if outcome[0] is not None:
+        user_error, message = outcome[0]
+        raise SharedUserError(message) if user_error else RuntimeError(f"the main process failed: {message}")
+
+
 def start_afresh(run_dir: Path) -> None:
     """Clear what an earlier attempt with no complete checkpoint left behind."""
     for name in ("metrics.jsonl", "train.log"):
@@ -171,7 +214,8 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
     per_process_batch = train.batch_size // accelerator.num_processes
     loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
                             per_process_batch, accelerator.num_processes, accelerator.process_index,
-                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda")
+                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda",
+                            on_main_process=lambda work: on_main_process(accelerator, work))
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size)

@@ -22,6 +22,7 @@ import base64
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +83,15 @@ class ShardSource:
         return self.num_samples
 
 
-def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSource, FolderSource | ShardSource,
-                                                         tuple[str, ...], tuple[str, ...]]:
+def open_sources(root: Path, num_classes: int, on_main_process: Callable[[Callable[[], None]], None] | None = None,
+                 ) -> tuple[FolderSource | ShardSource, FolderSource | ShardSource, tuple[str, ...], tuple[str, ...]]:
     """The train and val sources of ``root`` (shards or a folder), the class names, and
     their readable names (from the manifest or the folder's class table; () when unknown).
 
     A folder's files are verified first (once; the results are cached), since DALI may
-    crash the process on a damaged file instead of naming it.
+    crash the process on a damaged file instead of naming it. ``on_main_process(work)``
+    runs the verification on one process of the job while the others wait (by default,
+    here): on a cluster, one process stats and decodes the files, not every one of them.
     """
     if is_shard_set(root):
         shard_set = open_shard_set(root, num_classes)
@@ -103,9 +106,12 @@ def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSour
     def announce(count: int) -> None:
         LOG.info(f"verifying {count} images of {root} before DALI reads them (once: the results are cached)")
 
-    problems = verify_files(paths, root, default_cache_file(root), available_cpus(), on_start=announce)
-    if problems:
-        raise DataError(describe_problems(problems, root))
+    def verify() -> None:
+        problems = verify_files(paths, root, default_cache_file(root), available_cpus(), on_start=announce)
+        if problems:
+            raise DataError(describe_problems(problems, root))
+
+    (on_main_process or (lambda work: work()))(verify)
     return (FolderSource(root, train_split.paths, train_split.labels),
             FolderSource(root, val_split.paths, val_split.labels), train_split.class_names, descriptions)
 

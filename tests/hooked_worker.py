@@ -1,12 +1,17 @@
-"""Run by test_preemption.py under ``accelerate launch``: the trainer, with a stop signal sent
-to one process only, at a moment chosen by the environment::
+"""Run under ``accelerate launch`` by the multi-process tests: the trainer, with test hooks
+chosen by the environment:
 
-    STOP_ONE_PROCESS=<rank>:epoch-end:<epoch>   right after that process's last step of the epoch
-    STOP_ONE_PROCESS=<rank>:step:<step>         right after that process's optimizer step
+    STOP_ONE_PROCESS=<rank>:epoch-end:<epoch>   a stop signal to that process only, right after
+                                                its last step of the epoch
+    STOP_ONE_PROCESS=<rank>:step:<step>         ... right after its optimizer step
+    RECORD_FILE_CHECKS=<folder>                 each process that looks at the data set's files
+                                                (stat, for image verification) leaves
+                                                ``<folder>/rank<r>``
 
-The process signals itself (SIGUSR1, as SLURM's warning would), so the moment is exact; the
-other process never receives anything. Training runs as ``launch/train_worker.py`` runs it, so
-each process's exit status is left in ``$TRAIN_WORKER_STATUS_DIR/<rank>.exit``.
+The stop signal is sent by the process to itself (SIGUSR1, as SLURM's warning would), so
+the moment is exact; the other process never receives anything. Training runs as
+``launch/train_worker.py`` runs it, so each process's exit status is left in
+``$TRAIN_WORKER_STATUS_DIR/<rank>.exit``.
 """
 
 from __future__ import annotations
@@ -59,7 +64,20 @@ def after_step(step: int) -> None:
     loop.start_run = start_run
 
 
+def record_file_checks(folder: Path) -> None:
+    from train.data import verify
+    original = verify._signature
+
+    def signature(path):
+        (folder / f"rank{os.environ['RANK']}").touch()
+        return original(path)
+
+    verify._signature = signature
+
+
 def main() -> None:
+    if os.environ.get("RECORD_FILE_CHECKS"):
+        record_file_checks(Path(os.environ["RECORD_FILE_CHECKS"]))
     plan = os.environ.get("STOP_ONE_PROCESS")
     if plan:
         rank, when, number = plan.split(":")
