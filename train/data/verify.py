@@ -111,8 +111,14 @@ class VerificationCache:
     def __init__(self, file: Path, root: Path):
         self.file = Path(file)
         self.root = str(Path(root).resolve())
+        # Paths listed from the folder start with the root as it was given: cutting that off
+        # is the relative path, without normalising a million paths one by one.
+        self.prefixes = tuple(dict.fromkeys(p + os.sep for p in (str(root), os.path.abspath(root), self.root)))
 
     def key(self, path: str) -> str:
+        for prefix in self.prefixes:
+            if path.startswith(prefix):
+                return path[len(prefix):]
         absolute = os.path.abspath(path)
         return os.path.relpath(absolute, self.root) if absolute.startswith(self.root + os.sep) else absolute
 
