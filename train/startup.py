@@ -29,7 +29,15 @@ from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
 from .errors import SharedUserError, StorageError, UserError, first_line
 from .models import build_model, choose_channels_last, use_sync_batchnorm
-from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
+from .optim import (
+    TrainedWeights,
+    TrainStep,
+    build_optimizer,
+    build_schedule,
+    build_train_step,
+    evaluation_weights,
+    reads_training_batches,
+)
 from .preemption import CheckpointPolicy, StopRequests
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .tracking import RunTracker
@@ -216,6 +224,8 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
                             per_process_batch, accelerator.num_processes, accelerator.process_index,
                             train.reproduce.seed, pin_memory=accelerator.device.type == "cuda",
                             on_main_process=lambda work: on_main_process(accelerator, work))
+    if loaders.build_before_training is not None:
+        LOG.info(loaders.build_before_training(reads_training_batches(train.optim)))
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size)

@@ -51,6 +51,10 @@ class Loaders:
     # Readable name per class index (a folder's classes.tsv, or a shard manifest's copy of
     # it), for exported models; () when unknown or when class_names are readable already.
     class_descriptions: tuple[str, ...] = ()
+    # Builds now what the loaders would build on first use (DALI's pipelines, the statistics
+    # stream's included when asked), before training takes the GPU's memory; returns a line
+    # for the log. None for loaders with nothing to build.
+    build_before_training: Callable[[bool], str] | None = None
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -161,4 +165,5 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
         load_state_dict=train.load_state_dict,
         train_stats=train.fresh_copy,
         class_descriptions=descriptions,
+        build_before_training=lambda with_stats_stream: dali.build_before_training(train, val, with_stats_stream),
     )
