@@ -77,6 +77,7 @@ def test_the_hf_loader_has_nothing_to_build(folder):
     assert loaders(folder, name="hf", workers=0).build_before_training is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_a_gpu_the_log_says_what_dali_reserved(folder):
     built = loaders(folder, preprocess=GPU_DECODING)
