@@ -22,7 +22,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, clean_env, data_toml, make_image_folder, run_train, tiny_train_toml, write
+from helpers import (
+    REPO,
+    batches_around_a_restore,
+    clean_env,
+    data_toml,
+    make_image_folder,
+    run_train,
+    tiny_train_toml,
+    write,
+)
 from test_checkpoint import wait_for
 
 from train.checkpoint import MANIFEST, latest_valid_checkpoint
@@ -94,22 +103,10 @@ def test_dali_gpu_decoder_for_training_and_validation(layout, request):
 
 def test_dali_mid_epoch_checkpoint_restores_exactly_on_the_gpu(folder):
     need_dali()
-    reference = gpu_loaders(folder)
-    reference.set_epoch(0, 0)
-    expected = [(images.clone(), labels.clone()) for images, labels in reference.train]
-    interrupted = gpu_loaders(folder)
-    interrupted.set_epoch(0, 0)
-    batches = iter(interrupted.train)
-    for _ in range(5):
-        next(batches)
-    state = json.loads(json.dumps(interrupted.state_dict()))  # as a checkpoint stores it
-    resumed = gpu_loaders(folder)
-    resumed.set_epoch(0, 5)
-    resumed.load_state_dict(state)
-    rest = list(resumed.train)
-    assert len(rest) == len(expected) - 5
-    for (a, la), (b, lb) in zip(expected[5:], rest):
-        assert torch.equal(a, b) and torch.equal(la, lb)
+    expected, restored = batches_around_a_restore(lambda: gpu_loaders(folder), stop_after=5, epochs=2)
+    assert len(restored) == len(expected) > 5
+    for (a, la), (b, lb) in zip(expected, restored):
+        assert a.is_cuda and torch.equal(a, b) and torch.equal(la, lb)
 
 
 # ------------------------------------------------------------------ mixed-precision steps
