@@ -414,6 +414,28 @@ def launch(config_path: Path, train_args: list[str], expected_workers: int, cpu:
     return node_status(launcher_status, statuses, expected_workers)
 
 
+# ---------------------------------------------------------------------------- network
+
+
+def socket_interface_env(interface: str, available: list[str] | None = None) -> dict[str, str]:
+    """NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME for the interface the nodes should talk over.
+
+    Left alone, both libraries pick an interface themselves, which goes wrong on nodes with
+    several networks (or where the hostname resolves to loopback). NCCL reads a prefix (``ib``
+    matches ``ib0``), a comma list, ``^`` to exclude and ``=`` for an exact name; each plain
+    name must match an interface of this node.
+    """
+    available = [name for _, name in socket.if_nameindex()] if available is None else available
+    for item in interface.split(","):
+        name = item.strip().lstrip("=")
+        if item.startswith("^") or not name:
+            continue
+        if not any(candidate.startswith(name) for candidate in available):
+            raise LaunchError(f"--network-interface {interface}: no interface {name!r} on this node "
+                              f"(it has {', '.join(available)})")
+    return {"NCCL_SOCKET_IFNAME": interface, "GLOO_SOCKET_IFNAME": interface}
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -435,6 +457,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="instead of deciding from the GPUs' compute capability")
     parser.add_argument("--cpu-processes", type=int, default=None, metavar="N",
                         help="N training processes on this node's CPUs (fp32 unless --mixed-precision); no GPUs")
+    parser.add_argument("--network-interface", default=None, metavar="IFACE",
+                        help="the network interface between nodes (e.g. ib0): sets NCCL_SOCKET_IFNAME and "
+                             "GLOO_SOCKET_IFNAME for training")
     parser.add_argument("--dry-run", action="store_true",
                         help="write and print the config and the plan, launch nothing")
     return parser.parse_args(own), train_args
@@ -451,12 +476,16 @@ def main(argv: list[str] | None = None) -> int:
             config_dir.mkdir(parents=True, exist_ok=True)
             config_path = config_dir / f"node-{plan.machine_rank}.yaml"
             config_path.write_text(render_config(plan), encoding="utf-8")
+            network = socket_interface_env(args.network_interface) if args.network_interface else {}
         except (LaunchError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         if plan.machine_rank == 0:
             print(rank_table(plan))
         print(node_line(plan, config_path), flush=True)
+        if network:
+            print(" ".join(f"{key}={value}" for key, value in network.items()), flush=True)
+            os.environ.update(network)  # the training processes inherit it
         if args.dry_run:
             print(config_path.read_text(encoding="utf-8"), end="")
             return 0

@@ -10,7 +10,8 @@
 # CPUs, no GPUs). The run directory is runs/<SLURM_JOB_ID>, or the --output-dir given: a
 # requeued job keeps its id and its arguments, so it finds its checkpoints there and resumes.
 # Environment: PYTHON (default .venv/bin/python), MIXED_PRECISION (bf16, fp16 or no: instead of
-# deciding from the GPUs).
+# deciding from the GPUs), NETWORK_INTERFACE (the interface between nodes, e.g. ib0:
+# NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME).
 set -uo pipefail  # no -e: the training status is looked at below
 
 # The trainer's status after a stop signal once its checkpoint is written (EX_TEMPFAIL,
@@ -88,6 +89,9 @@ if [[ -n "${MIXED_PRECISION:-}" ]]; then
         exit "$EXIT_USAGE"
     fi
     launcher_args+=(--mixed-precision "$MIXED_PRECISION")
+fi
+if [[ -n "${NETWORK_INTERFACE:-}" ]]; then
+    launcher_args+=(--network-interface "$NETWORK_INTERFACE")
 fi
 echo "job $job (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run directory $output_dir"
 

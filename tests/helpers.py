@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,32 @@ def uninterrupted_run(folder: Path, tmp: Path, loader: str) -> Path:
     result = run_train(args)
     assert result.returncode == 0, result.stderr
     return tmp / "out"
+
+
+def batches_around_a_restore(make_loaders, stop_after: int, epochs: int = 1) -> tuple[list, list]:
+    """For a mid-epoch restore of the training loader: (the batches an uninterrupted loader
+    yields from batch ``stop_after`` of epoch 0 to the end of epoch ``epochs - 1``, the batches
+    a loader restored from the state saved at that point yields over the same span).
+
+    ``make_loaders()`` builds fresh ``Loaders``; the state goes through JSON, as a checkpoint
+    stores it. The two lists are equal, tensor for tensor, when the restore is exact.
+    """
+    reference = make_loaders()
+    expected = []
+    for epoch in range(epochs):
+        reference.set_epoch(epoch, 0)
+        expected += [(images.clone(), labels.clone()) for images, labels in reference.train]
+    interrupted = make_loaders()
+    interrupted.set_epoch(0, 0)
+    batches = iter(interrupted.train)
+    for _ in range(stop_after):
+        next(batches)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    resumed = make_loaders()
+    resumed.set_epoch(0, stop_after)
+    resumed.load_state_dict(state)
+    restored = list(resumed.train)
+    for epoch in range(1, epochs):
+        resumed.set_epoch(epoch, 0)
+        restored += list(resumed.train)
+    return expected[stop_after:], restored

@@ -94,7 +94,7 @@ def test_a_save_interrupted_before_its_rename_leaves_the_previous_checkpoint(ref
 
     monkeypatch.setattr(ckpt, "_fsync_tree", explode)
     trainer = ckpt.read_trainer_state(before)
-    fake_accelerator = type("A", (), {"is_main_process": True, "process_index": 0,
+    fake_accelerator = type("A", (), {"is_main_process": True, "process_index": 0, "num_processes": 1,
                                       "wait_for_everyone": lambda self: None,
                                       "save_state": lambda self, path: Path(path, "model.safetensors")
                                       .write_bytes(b"x")})()

@@ -8,13 +8,12 @@ apart after augmentation, and which images an epoch read can be checked exactly.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_image_folder
+from helpers import batches_around_a_restore, make_image_folder
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
@@ -235,27 +234,9 @@ def test_gpu_decoding_gives_cuda_batches(colour_folder):
 
 
 def test_batches_after_a_mid_epoch_restore_are_identical(dataset):
-    reference = loaders(dataset)
-    expected = []
-    for epoch in range(2):
-        reference.set_epoch(epoch, 0)
-        expected.append([(images.clone(), labels.clone()) for images, labels in reference.train])
-
-    interrupted = loaders(dataset)
-    interrupted.set_epoch(0, 0)
-    batches = iter(interrupted.train)
-    for _ in range(3):
-        next(batches)
-    state = json.loads(json.dumps(interrupted.state_dict()))  # what a checkpoint file holds
-
-    resumed = loaders(dataset)
-    resumed.set_epoch(0, 3)
-    resumed.load_state_dict(state)
-    rest = list(resumed.train)
-    resumed.set_epoch(1, 0)
-    following = list(resumed.train)
-    assert len(rest) == len(expected[0]) - 3 and len(following) == len(expected[1])
-    for (a, la), (b, lb) in zip(expected[0][3:] + expected[1], rest + following):
+    expected, restored = batches_around_a_restore(lambda: loaders(dataset), stop_after=3, epochs=2)
+    assert len(restored) == len(expected) > 3
+    for (a, la), (b, lb) in zip(expected, restored):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 

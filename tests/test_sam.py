@@ -172,7 +172,50 @@ def test_fp16_overflow_skips_the_whole_step_and_backs_off_the_scale(v2):
     _, updated = step(x, 100 * t)
     assert not updated
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert len(forwards) == 1  # v1: the second pass never ran
+    assert len(forwards) == (1 if v2 else 2)  # v1: the second pass ran at w (e = 0), its step skipped
     assert scaler.get_scale() == pytest.approx(3e38 * scaler.get_backoff_factor(), rel=1e-6)
     for key, value in kept.items():  # momentum and v2's previous gradient are untouched
         assert torch.equal(optimizer.state[model.weight][key], value), key
+
+
+def test_fp16_two_step_sam_never_reads_the_device_between_its_passes(monkeypatch):
+    """The overflow decision stays on the device: a read-back (.item(), bool()) between the
+    first and the second forward pass would leave a GPU idle while the host waits."""
+    weight, bias, batches = tiny_problem(steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    step, model, _ = prepared_step(linear_model(weight, bias), sam_config(v2=False), scaler=scaler)
+    events = []
+    model.register_forward_hook(lambda *_: events.append("forward"))
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read_back(self, *args):
+            events.append(name)
+            return original(self, *args)
+        return read_back
+
+    for name in ("item", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    for x, t in batches:
+        events.clear()
+        _, updated = step(x, t)
+        assert updated
+        first, second = [i for i, event in enumerate(events) if event == "forward"]
+        assert events[first + 1:second] == [], events
+
+
+def test_fp16_overflow_on_another_process_skips_the_step_here_too(monkeypatch):
+    """Two-step SAM's first gradients are local: an overflow on one process alone must skip the
+    step on all (the all-reduce of the overflow flag is simulated: the other process found one)."""
+    weight, bias, batches = tiny_problem(steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    step, model, optimizer = prepared_step(linear_model(weight, bias), sam_config(v2=False), scaler=scaler)
+    reduce = step.accelerator.reduce
+    monkeypatch.setattr(step.accelerator, "reduce", lambda tensor, op: reduce(tensor, op) + 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, updated = step(*batches[0])
+    assert not updated
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 12 * scaler.get_backoff_factor()
+    assert not optimizer.state[model.weight]  # no momentum buffer: the optimizer never stepped

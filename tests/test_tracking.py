@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from train import checkpoint as ckpt
 from train.progress import EpochProgress, format_duration
 from train.rundir import read_metrics
-from train.tracking import TRACKER_FOLDER, flatten_config
+from train.tracking import MEMORY_WARNING_SHARE, TRACKER_FOLDER, flatten_config, memory_report
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "train/peak_rss_gib"}
 EVAL_TAGS = {"val/loss", "val/acc1", "val/acc5", "train/epoch_loss", "train/epoch", "time/epoch_s", "time/train_s"}
@@ -161,6 +161,8 @@ def test_with_two_processes_only_the_main_process_writes_events(tiny_folder, tmp
     assert [s for s, _ in logged["train/loss"]] == [2] and [s for s, _ in logged["val/acc1"]] == [3]
     assert logged["val/acc1"][0][1] == pytest.approx(read_metrics(out / "metrics.jsonl")[0]["val_acc1"])
     assert "\r" not in result.stdout and "\r" not in result.stderr
+    # Each process's peak memory, gathered by the main process, which alone prints.
+    assert re.search(r"^peak memory at step 2: [\d.]+-[\d.]+ GiB per process", result.stdout, re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- small parts
@@ -225,3 +227,22 @@ def test_plain_lines_measure_throughput_between_log_steps(monkeypatch):
         logger.setLevel(old_level)
     # 4 steps in 3.2 s since the (resumed) start: 4 steps left in this epoch, 10 in the last one.
     assert records[-1] == "epoch 2/3 step 6/10 loss 0.4000 lr 0.01 27 img/s, epoch eta 0:00:03, run eta 0:00:11"
+
+
+def test_peak_memory_is_logged_after_the_first_steps_and_at_each_evaluation(tiny_run):
+    out, result = tiny_run
+    log = (out / "train.log").read_text()
+    for when in ("at step 2", "at the evaluation of epoch 1", "at the evaluation of epoch 2"):
+        assert re.search(rf"peak memory {when}: [\d.]+ GiB per process, at most \d+% of [\d.]+ GiB \(process 0\)",
+                         log), when
+    assert "warning: process" not in log
+
+
+def test_memory_report_warns_about_processes_near_their_device_limit():
+    gib = 2**30
+    line, warning = memory_report("at step 100", [(10 * gib, 16 * gib), (15 * gib, 16 * gib), (12 * gib, 16 * gib)])
+    assert line == "peak memory at step 100: 10.00-15.00 GiB per process, at most 94% of 16.0 GiB (process 1)"
+    assert warning.startswith("warning: process(es) 1 used more than 90% of their memory (15.00 of 16.0 GiB)")
+    assert "train.batch_size" in warning
+    below = MEMORY_WARNING_SHARE * 16 * gib - 1
+    assert memory_report("at step 100", [(below, 16 * gib)])[1] is None

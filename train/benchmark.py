@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from .config import CosineScheduleConfig, SGDConfig, load_config
 from .data import build_loaders, check_supported, resolve_data_dir, to_device
 from .errors import UserError, report_error
-from .models import build_model
+from .models import build_model, choose_channels_last
 from .optim import build_optimizer, build_schedule, build_train_step
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
@@ -64,9 +64,10 @@ def synchronize(device: torch.device) -> None:
 class ProjectStep:
     """The trainer's own step on a prepared model: what ``train_one_epoch`` does per batch."""
 
-    def __init__(self, accelerator: Accelerator, arch: str, num_classes: int, image_size: int, channels_last: bool,
-                 lr: float, steps_per_epoch: int):
+    def __init__(self, accelerator: Accelerator, arch: str, num_classes: int, image_size: int,
+                 channels_last: bool | str, lr: float, steps_per_epoch: int):
         model = build_model(arch, num_classes, image_size, image_size)
+        channels_last = choose_channels_last(channels_last, accelerator.device.type, model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optim_cfg = SGDConfig(momentum=0.9, weight_decay=1e-4)
@@ -88,9 +89,10 @@ class ProjectStep:
 class PlainStep:
     """A bare PyTorch loop: the reference the project's step is measured against."""
 
-    def __init__(self, arch: str, num_classes: int, image_size: int, channels_last: bool, lr: float,
+    def __init__(self, arch: str, num_classes: int, image_size: int, channels_last: bool | str, lr: float,
                  device: torch.device, precision: str):
         model = build_model(arch, num_classes, image_size, image_size).to(device)
+        channels_last = choose_channels_last(channels_last, device.type, model)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.train()
@@ -162,7 +164,7 @@ def step_mode(args) -> dict:
     result = {
         "mode": "step", "arch": args.arch, "batch_size": args.batch_size, "image_size": args.image_size,
         "precision": args.precision, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "channels_last": args.channels_last,
+        "channels_last": ours.channels_last,
         "ours_images_per_s": best_ours, "plain_images_per_s": best_plain, "ratio": best_ours / best_plain,
         "ours_rounds": rates["ours"], "plain_rounds": rates["plain"],
         "peak_memory_mb": peak_memory_mb(device),
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--precision", choices=list(DTYPES), default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default="auto",
+                        help="NHWC memory format (default: as train.channels_last = \"auto\" decides)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing, per side")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the best of each side is kept)")

@@ -22,9 +22,11 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from accelerate.utils import gather_object
+
 from .config import flatten
-from .errors import UserError
-from .files import write_json
+from .errors import StorageError, UserError, first_line
+from .files import filesystem_of, free_bytes, tree_bytes, write_json
 
 LOG = logging.getLogger("train")
 
@@ -186,19 +188,27 @@ def save(accelerator, run_dir: Path, trainer: TrainerState, epoch_state: EpochSt
          keep_last: int) -> Path:
     """Write a checkpoint from every process (collective: all processes must call it).
 
-    It is named after the global step: the epoch's starting step plus its batches done.
+    It is named after the global step: the epoch's starting step plus its batches done. A
+    file that cannot be written (a full disk) on any process stops every process with the
+    same ``StorageError``, the staging folder removed and the previous checkpoint untouched.
     """
     step = trainer.step + epoch_state.batches_done
-    final = run_dir / CHECKPOINTS / f"{step:08d}"
-    staging = run_dir / CHECKPOINTS / f"{TMP_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
+    root = run_dir / CHECKPOINTS
+    final = root / f"{step:08d}"
+    staging = root / f"{TMP_PREFIX}{step:08d}"
+    previous = ([p for p in list_checkpoints(run_dir) if p != final] or [None])[-1]
+    saving = _Saving(accelerator, final, staging, previous)
+
+    def prepare() -> None:
+        warn_if_short_of_space(root, previous)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    write_json(staging / f"process_{accelerator.process_index}.json", asdict(epoch_state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def write_own_part() -> None:
+        accelerator.save_state(str(staging))
+        write_json(staging / f"process_{accelerator.process_index}.json", asdict(epoch_state))
+
+    def complete() -> None:
         write_json(staging / TRAINER_STATE, asdict(trainer))
         write_json(staging / SCHEDULE_STATE, scheduler.state_dict())
         shutil.copyfile(run_dir / CONFIG_COPY, staging / CONFIG_COPY)
@@ -207,9 +217,95 @@ def save(accelerator, run_dir: Path, trainer: TrainerState, epoch_state: EpochSt
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         staging.rename(final)
+
+    saving.together(prepare if accelerator.is_main_process else None)
+    saving.together(write_own_part)
+    saving.together(complete if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
         prune(run_dir, keep_last)
-    accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """A checkpoint's size, from its manifest (no walk over the files) where it has one."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        return sum(entry["size"] for entry in files.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return tree_bytes(folder)
+
+
+def warn_if_short_of_space(root: Path, previous: Path | None) -> None:
+    """A warning before a save that will probably not fit: less free space than the last checkpoint."""
+    if previous is None:
+        return
+    needed, free = checkpoint_bytes(previous), free_bytes(root)
+    if free < needed:
+        LOG.warning(f"warning: {free / 2**30:.2f} GiB free on {filesystem_of(root)}, less than the last checkpoint "
+                    f"({previous.name}, {needed / 2**30:.2f} GiB): the next checkpoint may not fit")
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` says a file could not be written, rather than a bug.
+
+    Python raises OSError; torch's writer a RuntimeError ("unexpected pos" after a short
+    write, "file write failed"); safetensors its own error naming the OS error.
+    """
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("unexpected pos", "file write failed", "no space left", "os error",
+                                         "i/o error", "disk quota", "file too large"))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({Path(exc.filename).name})" if exc.filename else "")
+    return first_line(exc, with_type=True)
+
+
+class _Saving:
+    """One checkpoint being written: the processes' failures, agreed on after each part."""
+
+    def __init__(self, accelerator, final: Path, staging: Path, previous: Path | None):
+        self.accelerator, self.final, self.staging, self.previous = accelerator, final, staging, previous
+
+    def together(self, work) -> None:
+        """Run ``work`` (None: nothing for this process), then learn every process's outcome
+        (collective): when one failed, all raise, so none waits for the others forever."""
+        error = None
+        if work is not None:
+            try:
+                work()
+            except Exception as exc:  # every failure must reach the other processes
+                error = exc
+        outcome = None if error is None else (is_storage_failure(error), _reason(error))
+        outcomes = [outcome] if self.accelerator.num_processes == 1 else gather_object([outcome])
+        failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+        if not failed:
+            return
+        if error is not None and not is_storage_failure(error):
+            raise error  # a bug: keep its traceback
+        rank, (storage, reason) = failed[0]
+        if not storage:
+            raise RuntimeError(f"process {rank} failed while writing checkpoint {self.final}: {reason}")
+        raise self.storage_error(reason if rank == 0 else f"process {rank}: {reason}")
+
+    def storage_error(self, reason: str) -> StorageError:
+        written = 0
+        if self.accelerator.is_main_process:
+            written = tree_bytes(self.staging) if self.staging.is_dir() else 0
+            shutil.rmtree(self.staging, ignore_errors=True)  # its space is what the next attempt needs
+        root = self.final.parent
+        if self.previous is not None:
+            need = f"a checkpoint takes about {checkpoint_bytes(self.previous) / 2**30:.2f} GiB"
+            then = (f"the previous checkpoint {self.previous} is intact: free some space, then run the same "
+                    "command to resume from it")
+        else:
+            need = f"more than the {written / 2**30:.2f} GiB written before the failure"
+            then = "there is no earlier checkpoint: free some space, then run the same command to start again"
+        return StorageError(f"cannot write checkpoint {self.final}: {reason}; {filesystem_of(root)} has "
+                            f"{free_bytes(root) / 2**30:.2f} GiB free, {need}; {then}")
 
 
 def load(accelerator, folder: Path, scheduler) -> tuple[TrainerState, EpochState]:

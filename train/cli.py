@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import data, models, optim
 from .config import Config, describe_source, load_config
-from .errors import EXIT_USER_ERROR, UserError, first_line
+from .errors import EXIT_IO_ERROR, EXIT_USER_ERROR, SharedUserError, StorageError, UserError, first_line
 from .loop import fit
 from .preemption import EXIT_PREEMPTED, Preempted
 from .startup import RunOptions
@@ -82,7 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preempted: {exc}; checkpoint written, exiting with status {EXIT_PREEMPTED} "
                   "(run the same command again to resume)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except StorageError as exc:
+        # Every process stops with the same error (they agree on it): one report is enough.
+        if _is_main_process():
+            print(f"error: {first_line(exc)}", file=sys.stderr)
+        return EXIT_IO_ERROR
     except UserError as exc:
+        if isinstance(exc, SharedUserError) and not _is_main_process():
+            return EXIT_USER_ERROR  # the main process reports it
         # Problems found while reading data may concern one process only: each reports.
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""

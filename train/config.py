@@ -183,7 +183,9 @@ class TrainConfig:
     checkpoint_dir: str = ""
     arch: str = "resnet50"
     use_amp: bool = True  # false forces fp32 whatever the launcher asks for
-    channels_last: bool = True  # NHWC memory format for 4-D (convolutional) models
+    # NHWC memory format; "auto": on CUDA for convolutional models (faster there), never on the
+    # CPU (slower there) nor for ViTs (a single convolution, the patch embedding).
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False  # torch.compile the model
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer GPUs)
     cudnn_benchmark: bool = True  # let cuDNN time its kernels for the fixed input shapes

@@ -1,7 +1,8 @@
 """User errors: what every command reports as one line on stderr with exit status 2.
 
 A ``UserError`` is a problem with the user's input (a config value, a data folder, a
-command-line argument); anything else is a bug and keeps its traceback.
+command-line argument); a ``StorageError`` a file that could not be written (a full disk),
+status 74; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,10 +10,23 @@ from __future__ import annotations
 import sys
 
 EXIT_USER_ERROR = 2
+# EX_IOERR from sysexits.h: something the run must write could not be written, most often
+# because the disk is full. Deliberately not EXIT_PREEMPTED (75): the SLURM wrapper requeues
+# only that, and a job rerun on a full disk would fail again.
+EXIT_IO_ERROR = 74
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line and exit status 2, no traceback."""
+
+
+class SharedUserError(UserError):
+    """A user error every process of a run raises alike (they agreed on it): reported once."""
+
+
+class StorageError(Exception):
+    """A file the run must keep could not be written (a full disk, a quota, an I/O error):
+    reported as one line and exit status EXIT_IO_ERROR, and not requeued."""
 
 
 def first_line(exc: BaseException, with_type: bool = False) -> str:

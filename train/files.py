@@ -3,13 +3,15 @@
 Every small state file of the project (metrics, caches, manifests, configs) goes through
 ``write_atomically``: a process killed mid-write leaves the previous version, never a torn one.
 Folders (checkpoints, class folders, model exports) follow the same idea with their own
-staging folders, where they are built.
+staging folders, where they are built. The helpers at the end describe where files go, for
+messages about a full disk.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -35,3 +37,32 @@ def write_atomically(path: Path, data: str | bytes, fsync: bool = False) -> Path
 
 def write_json(path: Path, value, fsync: bool = False) -> Path:
     return write_atomically(path, json.dumps(value, indent=1), fsync=fsync)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount point that holds ``path``, with its type where Linux tells it: '/scratch (lustre)'."""
+    mount = _nearest_existing(path).resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            types = {fields[1]: fields[2] for fields in (line.split() for line in f) if len(fields) > 2}
+    except OSError:  # not Linux
+        types = {}
+    return f"{mount} ({types[str(mount)]})" if str(mount) in types else str(mount)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for this user on the file system of ``path`` (or of its nearest existing parent)."""
+    return shutil.disk_usage(_nearest_existing(path)).free
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

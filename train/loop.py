@@ -20,6 +20,7 @@ from .checkpoint import EpochState
 from .config import Config
 from .data import to_device
 from .export import write_model_folder
+from .models import bare_model
 from .optim import reported_lr
 from .optim.batchnorm import recompute_running_stats
 from .preemption import Action, Preempted
@@ -41,7 +42,7 @@ def fit(config: Config, options: RunOptions) -> dict:
         while run.trainer.epoch < train.max_epochs:
             epoch = run.trainer.epoch
             if not train_one_epoch(run, epoch_state):
-                raise Preempted(f"stopped by signal {run.stop.received} after step "
+                raise Preempted(f"stopped by {run.stop.describe()} after step "
                                 f"{run.trainer.step + epoch_state.batches_done}")
             train_loss = epoch_mean_loss(run, epoch_state)
             run.trainer = dataclasses.replace(run.trainer, epoch=epoch + 1,
@@ -50,10 +51,11 @@ def fit(config: Config, options: RunOptions) -> dict:
             last_epoch = epoch + 1 == train.max_epochs
             if (epoch + 1) % train.eval_freq == 0 or last_epoch:
                 evaluate_and_record(run, train_loss, epoch_state)
-            if (epoch + 1) % train.log.checkpoint_freq == 0 or last_epoch or run.stop.received is not None:
+            stopping = run.policy.stop_agreed()  # a signal may have reached some processes only
+            if (epoch + 1) % train.log.checkpoint_freq == 0 or last_epoch or stopping:
                 save_checkpoint(run, EpochState())
-            if run.stop.received is not None:
-                raise Preempted(f"stopped by signal {run.stop.received} after epoch {epoch + 1}")
+            if stopping:
+                raise Preempted(f"stopped by {run.stop.describe()} after epoch {epoch + 1}")
             epoch_state = EpochState()
     finally:
         run.stop.uninstall()
@@ -119,7 +121,7 @@ def recompute_batchnorm(run: Run) -> int:
     num_batches = min(loaders.steps_per_epoch, -(-train.num_samples_for_stats // train.batch_size))
     images = (to_device(images, labels, accelerator.device, train.channels_last)[0]
               for images, labels in itertools.islice(loaders.train_stats(), num_batches))
-    used = recompute_running_stats(accelerator.unwrap_model(run.model), images,
+    used = recompute_running_stats(bare_model(accelerator, run.model), images,
                                    lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
     return used * train.batch_size
 
@@ -159,7 +161,7 @@ def finish(run: Run) -> dict:
     trainer, accelerator = run.trainer, run.accelerator
     record = trainer.metrics[-1] if trainer.metrics else {}
     if accelerator.is_main_process and record:
-        model_dir = write_model_folder(run.run_dir / "model", accelerator.unwrap_model(run.model), run.config,
+        model_dir = write_model_folder(run.run_dir / "model", bare_model(accelerator, run.model), run.config,
                                        tuple(trainer.class_names), trainer.metrics, run.options.command,
                                        tuple(trainer.class_descriptions))
         LOG.info(run_summary(record, trainer.metrics, run.config.train.max_epochs, run.run_dir,

@@ -45,6 +45,23 @@ def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size
                              **model_args(arch, train_crop_size, val_crop_size))
 
 
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """More than one 2-D convolution: ResNets, VGG, ConvNeXt; not ViTs, whose one convolution
+    is the patch embedding and whose time goes into matrix products."""
+    return sum(isinstance(module, torch.nn.Conv2d) for module in model.modules()) > 1
+
+
+def choose_channels_last(setting: bool | str, device_type: str, model: torch.nn.Module) -> bool:
+    """``train.channels_last``, with "auto" decided: NHWC for convolutional models on CUDA GPUs.
+
+    cuDNN's tensor-core convolutions run in NHWC and convert other layouts first; on the CPU
+    the same switch made ResNet-18 slower (see the README's performance notes).
+    """
+    if setting != "auto":
+        return bool(setting)
+    return device_type == "cuda" and is_convolutional(model)
+
+
 def use_sync_batchnorm(model: torch.nn.Module, num_processes: int, device_type: str) -> torch.nn.Module:
     """``train.sync_bn``: BatchNorm layers that compute batch statistics over all processes.
 
@@ -59,3 +76,14 @@ def use_sync_batchnorm(model: torch.nn.Module, num_processes: int, device_type: 
         raise UserError("train.sync_bn = true needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU "
                         f"({num_processes} CPU processes); set train.sync_bn = false")
     return timm.layers.convert_sync_batchnorm(model)
+
+
+def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without Accelerate's wrappers (DDP, torch.compile), for evaluation, buffers and export.
+
+    ``keep_torch_compile=False`` matters: with Accelerate's default (True) the call points the
+    compiled wrapper's ``_orig_mod`` at the bare model, so the training forward no longer runs
+    through DDP (``no_sync`` stops meaning anything, and exported names gain ``_orig_mod.``).
+    The bare model shares its parameters with the compiled one, so this loses nothing.
+    """
+    return accelerator.unwrap_model(model, keep_torch_compile=False)

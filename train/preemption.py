@@ -1,9 +1,9 @@
 """Stop requests (SIGTERM, SIGUSR1, SIGUSR2) and when to checkpoint, agreed by all processes.
 
 A signal handler only sets a flag: the step in flight finishes, then all processes agree
-(on a small CPU-side all-reduce, so the GPU never waits for it) to write a checkpoint and
-stop with ``EXIT_PREEMPTED``, which the SLURM wrappers take as "requeue me". Signals that
-arrive while the checkpoint is being written only set the flag again.
+(within seconds, see ``CheckpointPolicy``; and at every epoch's end) to write a checkpoint
+and stop with ``EXIT_PREEMPTED``, which the SLURM wrappers take as "requeue me". Signals
+that arrive while the checkpoint is being written only set the flag again.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ LOG = logging.getLogger("train")
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Processes agree on stopping about this often (and at least every log_freq steps): a stop
+# signal is acted on within seconds, and a GPU run rarely waits on the host for it.
+AGREE_EVERY_S = 10.0
 
 
 class Preempted(Exception):
@@ -45,6 +48,12 @@ class StopRequests:
             LOG.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint")
         self.received = signum
 
+    def describe(self) -> str:
+        """What stopped this process: its own signal, or another process's."""
+        if self.received is None:
+            return "a stop signal to another process"
+        return f"signal {signal.Signals(self.received).name}"
+
     def install(self) -> StopRequests:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -64,36 +73,69 @@ class StopRequests:
 class CheckpointPolicy:
     """Decides after each step whether to checkpoint or stop, the same way on every process.
 
-    Step-based checkpoints need no communication; a stop signal (which may reach only some
+    Step-based checkpoints need no communication. A stop signal (which may reach only some
     processes) and the wall clock of time-based checkpoints (read on the main process) are
-    combined with a max all-reduce over a gloo group, which stays on the CPU.
+    agreed on with a max all-reduce over the training's own process group (NCCL on GPUs), and
+    not after every step: at most ``log_freq`` steps apart and about ``AGREE_EVERY_S`` seconds
+    apart, whichever comes first. The main process proposes the next interval from the step
+    time it measured, and the all-reduce hands its proposal to everyone, so all processes
+    agree at the same steps. A GPU run so waits on the host only every few seconds, and a
+    multi-node job needs no Gloo connection between its nodes.
     """
 
-    def __init__(self, requests: StopRequests, every_steps: int, every_minutes: float, num_processes: int,
-                 is_main_process: bool):
+    def __init__(self, requests: StopRequests, every_steps: int, every_minutes: float, max_interval: int,
+                 is_main_process: bool, device: torch.device):
         self.requests = requests
         self.every_steps = every_steps
         self.every_seconds = every_minutes * 60
+        self.max_interval = max_interval
         self.is_main_process = is_main_process
+        self.device = device
         self.last_save = time.monotonic()
-        self.group = None
-        if num_processes > 1:
-            # The CPU group exists already when training runs on gloo; on NCCL make one.
-            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.next_agreement: int | None = None  # None: at the next step (the first after a start)
+        self.last_agreement: tuple[int, float] | None = None  # (step, time) on the main process
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
     def after_step(self, step: int) -> Action:
+        action = Action.CONTINUE
+        if self.next_agreement is None or step >= self.next_agreement:
+            action |= self._agree(step)
+        if self.every_steps and step % self.every_steps == 0:
+            action |= Action.CHECKPOINT
+        return action
+
+    def stop_agreed(self) -> bool:
+        """Whether any process received a stop signal (collective: every process must call it)."""
+        local = Action.STOP if self.requests.received is not None else Action.CONTINUE
+        return bool(Action(_max_over_processes([int(local)], self.device)[0]) & Action.STOP)
+
+    def _agree(self, step: int) -> Action:
         local = Action.CONTINUE
         if self.requests.received is not None:
             local |= Action.STOP
         if self.every_seconds and self.is_main_process and time.monotonic() - self.last_save >= self.every_seconds:
             local |= Action.CHECKPOINT
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([int(local)], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-            local = Action(int(flag.item()))
-        if self.every_steps and step % self.every_steps == 0:
-            local |= Action.CHECKPOINT
-        return local
+        proposal = self._next_interval(step) if self.is_main_process else 0
+        agreed, interval = _max_over_processes([int(local), proposal], self.device)
+        self.next_agreement = step + interval
+        return Action(agreed)
+
+    def _next_interval(self, step: int) -> int:
+        """Steps until the next agreement: about AGREE_EVERY_S of them, at most ``max_interval``."""
+        now = time.monotonic()
+        previous, self.last_agreement = self.last_agreement, (step, now)
+        if previous is None or step <= previous[0]:
+            return 1
+        seconds_per_step = (now - previous[1]) / (step - previous[0])
+        return max(1, min(self.max_interval, int(AGREE_EVERY_S / max(seconds_per_step, 1e-9))))
+
+
+def _max_over_processes(values: list[int], device: torch.device) -> list[int]:
+    """The element-wise maximum of ``values`` over all processes (collective when there are several)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

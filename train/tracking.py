@@ -13,12 +13,17 @@ What is written (step = optimizer steps so far):
   excluded), the same numbers as the record in ``metrics.jsonl``;
 - once per start: the flattened config (``train.optim.momentum`` = 0.9, ...) as hyperparameters.
 
+In the log: every process's peak memory at the first log step and at each evaluation, with a
+warning when a process is above 90% of its device's memory (see ``memory_in_use``).
+
 Only the main process writes (Accelerate's trackers act on the main process alone). Values
 are read back from the device only at log steps, where the loop already waits for the loss.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +32,12 @@ from accelerate import Accelerator
 
 from .config import flatten
 
+LOG = logging.getLogger("train")
+
 TRACKER_FOLDER = "tensorboard"  # Accelerate's project name: the folder under the run directory
+# Above this share of its memory a process is one larger batch, or a fragmented cache, away
+# from running out: the log warns.
+MEMORY_WARNING_SHARE = 0.9
 
 
 def flatten_config(table: dict) -> dict[str, bool | int | float | str]:
@@ -63,6 +73,40 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return {"train/peak_rss_gib": peak * bytes_per_unit / 2**30}
 
 
+def memory_in_use(device: torch.device) -> tuple[int, int]:
+    """(the most memory this process has held, the memory its device has), in bytes.
+
+    On a GPU: PyTorch's cache at its peak plus everything else on the device now (the CUDA
+    context, DALI's buffers, NCCL's), which is what running out depends on. On the CPU: the
+    process's peak resident set and the machine's physical memory.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        others = max(total - free - torch.cuda.memory_reserved(device), 0)
+        return torch.cuda.max_memory_reserved(device) + others, total
+    peak = peak_memory(device).get("train/peak_rss_gib", 0.0) * 2**30
+    return int(peak), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_report(when: str, usage: list[tuple[float, float]]) -> tuple[str, str | None]:
+    """A log line on every process's peak memory (``usage``: (peak, capacity) per process), and
+    a warning naming the processes above MEMORY_WARNING_SHARE of their device, or None."""
+    gib = [(peak / 2**30, capacity / 2**30) for peak, capacity in usage]
+    shares = [peak / capacity if capacity else 0.0 for peak, capacity in usage]
+    top = max(range(len(usage)), key=shares.__getitem__)
+    peaks = [peak for peak, _ in gib]
+    spread = f"{peaks[0]:.2f} GiB" if len(peaks) == 1 else f"{min(peaks):.2f}-{max(peaks):.2f} GiB"
+    line = (f"peak memory {when}: {spread} per process, at most {100 * shares[top]:.0f}% of "
+            f"{gib[top][1]:.1f} GiB (process {top})")
+    crowded = [rank for rank, share in enumerate(shares) if share > MEMORY_WARNING_SHARE]
+    warning = None
+    if crowded:
+        warning = (f"warning: process(es) {', '.join(map(str, crowded))} used more than "
+                   f"{100 * MEMORY_WARNING_SHARE:.0f}% of their memory ({gib[top][0]:.2f} of {gib[top][1]:.1f} GiB) "
+                   f"{when}: little headroom is left; a lower train.batch_size (per process) leaves more")
+    return line, warning
+
+
 class RunTracker:
     """Owns the run's TensorBoard logging; ``accelerator.end_training()`` closes it.
 
@@ -80,9 +124,26 @@ class RunTracker:
         # steps, so each step keeps one value.
         init_kwargs = {"tensorboard": {"purge_step": resumed_at_step + 1}}
         accelerator.init_trackers(TRACKER_FOLDER, config=flatten_config(config_table), init_kwargs=init_kwargs)
+        self.memory_reported = False
+
+    def report_memory(self, when: str) -> None:
+        """Log every process's peak memory, and warn when one is close to its device's limit
+        (collective: every process must call it)."""
+        peak, capacity = memory_in_use(self.accelerator.device)
+        usage = self.accelerator.gather(torch.tensor([[peak, capacity]], dtype=torch.float64,
+                                                     device=self.accelerator.device)).tolist()
+        line, warning = memory_report(when, [tuple(row) for row in usage])
+        LOG.info(line)
+        if warning:
+            LOG.warning(warning)
 
     def log_train_step(self, step: int, loss: float, lr: float, images_per_s: float | None, model) -> None:
-        """At a log step, after the optimizer step (its gradients are still in ``.grad``)."""
+        """At a log step, after the optimizer step (its gradients are still in ``.grad``).
+
+        Every process calls it (the first call reports every process's peak memory)."""
+        if not self.memory_reported:
+            self.memory_reported = True
+            self.report_memory(f"at step {step}")
         if not self.accelerator.is_main_process:
             return
         values = {"train/loss": loss, "train/lr": lr}
@@ -95,7 +156,8 @@ class RunTracker:
         self.accelerator.log(values, step=step)
 
     def log_evaluation(self, record: dict) -> None:
-        """One ``metrics.jsonl`` record (see loop.run)."""
+        """One ``metrics.jsonl`` record (see loop.run); every process calls it."""
+        self.report_memory(f"at the evaluation of epoch {record['epoch']}")
         self.accelerator.log({
             "val/loss": record["val_loss"], "val/acc1": record["val_acc1"], "val/acc5": record["val_acc5"],
             "train/epoch_loss": record["train_loss"], "train/epoch": record["epoch"],

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from timm.utils import distribute_bn
 
 from .data import to_device
+from .models import bare_model
 
 
 def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
@@ -25,7 +26,7 @@ def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, nu
     """Loss, top-1 and top-5 over the whole validation set, each image counted once."""
     # The unwrapped model: evaluation shards may differ in length by one batch, and no
     # process may wait on a collective operation that another never reaches.
-    net = accelerator.unwrap_model(model)
+    net = bare_model(accelerator, model)
     sync_buffers(net, accelerator)
     net.eval()
     top_k = min(5, num_classes)

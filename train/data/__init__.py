@@ -51,6 +51,10 @@ class Loaders:
     # Readable name per class index (a folder's classes.tsv, or a shard manifest's copy of
     # it), for exported models; () when unknown or when class_names are readable already.
     class_descriptions: tuple[str, ...] = ()
+    # Builds now what the loaders would build on first use (DALI's pipelines, the statistics
+    # stream's included when asked), before training takes the GPU's memory; returns a line
+    # for the log. None for loaders with nothing to build.
+    build_before_training: Callable[[bool], str] | None = None
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -88,10 +92,14 @@ def resolve_data_dir(data_dir: str) -> str:
 
 
 def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
-                  num_processes: int, rank: int, seed: int, pin_memory: bool) -> Loaders:
+                  num_processes: int, rank: int, seed: int, pin_memory: bool,
+                  on_main_process: Callable[[Callable[[], None]], None] | None = None) -> Loaders:
+    """This process's loaders. ``on_main_process(work)``: runs one-off work for the whole job
+    (verifying a folder's images) on one process while the others wait; None runs it here."""
     loader_cfg = data.dataloader
     if loader_cfg.name == "dali":
-        return _build_dali_loaders(data, preprocess, per_process_batch, num_processes, rank, seed, pin_memory)
+        return _build_dali_loaders(data, preprocess, per_process_batch, num_processes, rank, seed, pin_memory,
+                                   on_main_process)
     if is_shard_set(Path(data.data_dir)):
         raise DataError(f"data.data_dir: {data.data_dir} holds WebDataset shards, which only "
                         "data.dataloader.name = \"dali\" reads")
@@ -131,11 +139,13 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
 
 
 def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
-                        num_processes: int, rank: int, seed: int, pin_memory: bool) -> Loaders:
+                        num_processes: int, rank: int, seed: int, pin_memory: bool,
+                        on_main_process: Callable[[Callable[[], None]], None] | None) -> Loaders:
     from . import dali  # imported when chosen: DALI is large, and Linux-only
 
     loader_cfg = data.dataloader
-    train_source, val_source, class_names, descriptions = dali.open_sources(Path(data.data_dir), data.num_classes)
+    train_source, val_source, class_names, descriptions = dali.open_sources(Path(data.data_dir), data.num_classes,
+                                                                            on_main_process)
     global_batch = per_process_batch * num_processes
     if len(train_source) < global_batch:
         raise DataError(f"data.data_dir: {len(train_source)} training images are fewer than one global batch "
@@ -155,4 +165,5 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
         load_state_dict=train.load_state_dict,
         train_stats=train.fresh_copy,
         class_descriptions=descriptions,
+        build_before_training=lambda with_stats_stream: dali.build_before_training(train, val, with_stats_stream),
     )

@@ -19,9 +19,11 @@ boundary), and for validation exactly this shard's samples, padding cut off.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +50,13 @@ STD = [255 * s for s in IMAGENET_DEFAULT_STD]
 INTERPOLATION = {"bilinear": types.INTERP_LINEAR, "triangular": types.INTERP_TRIANGULAR,
                  "bicubic": types.INTERP_CUBIC}
 # nvJPEG buffer paddings from NVIDIA's ImageNet ResNet-50 example: big enough for ImageNet's
-# largest images, so the GPU decoder does not reallocate in the middle of an epoch.
+# largest images, so the GPU decoder does not reallocate in the middle of an epoch. They are
+# per decoding thread: one device buffer and two pinned host buffers (double buffering) each,
+# about 1.7 GB and 2.25 GB for 8 threads. Only the training pipeline gets them; validation
+# and the BatchNorm statistics stream keep DALI's small defaults and grow as needed.
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
+HOST_BUFFERS_PER_THREAD = 2
 # Webdataset shards are read in order; this buffer reshuffles samples within a window.
 SHUFFLE_BUFFER = 4096
 STATE_VERSION = 1
@@ -82,13 +88,15 @@ class ShardSource:
         return self.num_samples
 
 
-def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSource, FolderSource | ShardSource,
-                                                         tuple[str, ...], tuple[str, ...]]:
+def open_sources(root: Path, num_classes: int, on_main_process: Callable[[Callable[[], None]], None] | None = None,
+                 ) -> tuple[FolderSource | ShardSource, FolderSource | ShardSource, tuple[str, ...], tuple[str, ...]]:
     """The train and val sources of ``root`` (shards or a folder), the class names, and
     their readable names (from the manifest or the folder's class table; () when unknown).
 
     A folder's files are verified first (once; the results are cached), since DALI may
-    crash the process on a damaged file instead of naming it.
+    crash the process on a damaged file instead of naming it. ``on_main_process(work)``
+    runs the verification on one process of the job while the others wait (by default,
+    here): on a cluster, one process stats and decodes the files, not every one of them.
     """
     if is_shard_set(root):
         shard_set = open_shard_set(root, num_classes)
@@ -103,9 +111,12 @@ def open_sources(root: Path, num_classes: int) -> tuple[FolderSource | ShardSour
     def announce(count: int) -> None:
         LOG.info(f"verifying {count} images of {root} before DALI reads them (once: the results are cached)")
 
-    problems = verify_files(paths, root, default_cache_file(root), available_cpus(), on_start=announce)
-    if problems:
-        raise DataError(describe_problems(problems, root))
+    def verify() -> None:
+        problems = verify_files(paths, root, default_cache_file(root), available_cpus(), on_start=announce)
+        if problems:
+            raise DataError(describe_problems(problems, root))
+
+    (on_main_process or (lambda work: work()))(verify)
     return (FolderSource(root, train_split.paths, train_split.labels),
             FolderSource(root, val_split.paths, val_split.labels), train_split.class_names, descriptions)
 
@@ -144,19 +155,32 @@ class PipelineSpec:
     num_shards: int
     seed: int
     device_id: int | None  # None: CPU only
+    # The GPU decoder's buffers sized for ImageNet's largest image from the start: the training
+    # pipeline's only (see DEVICE_MEMORY_PADDING).
+    preallocate: bool = False
 
     @property
     def decoder_device(self) -> str:
         return "cpu" if self.device_id is None else "mixed"
+
+    def preallocated_bytes(self) -> tuple[int, int]:
+        """(device, pinned host) bytes the GPU decoder's paddings reserve when the pipeline is built."""
+        if self.decoder_device == "cpu" or not self.preallocate:
+            return 0, 0
+        return (DEVICE_MEMORY_PADDING * self.num_threads,
+                HOST_BUFFERS_PER_THREAD * HOST_MEMORY_PADDING * self.num_threads)
 
 
 def _decoder_options(spec: PipelineSpec) -> dict:
     if spec.decoder_device == "cpu":
         return {}
     p = spec.preprocess
-    return dict(hw_decoder_load=p.dali_hw_decoder_load, preallocate_width_hint=p.dali_preallocate_width_hint,
-                preallocate_height_hint=p.dali_preallocate_height_hint,
-                device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING)
+    options = dict(hw_decoder_load=p.dali_hw_decoder_load)
+    if spec.preallocate:
+        options.update(preallocate_width_hint=p.dali_preallocate_width_hint,
+                       preallocate_height_hint=p.dali_preallocate_height_hint,
+                       device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING)
+    return options
 
 
 def define_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipeline:
@@ -326,6 +350,7 @@ class DaliTrainLoader:
         self.requested: tuple[int, int] | None = None
         self.restored = False
         self.warned = False
+        self.reserved_copy: DaliTrainLoader | None = None  # built before training, for fresh_copy
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.requested = (epoch, start_batch)
@@ -374,8 +399,20 @@ class DaliTrainLoader:
 
     def fresh_copy(self) -> DaliTrainLoader:
         """Another loader of the same shard and preprocessing, from the start, with its own
-        pipeline (built when first iterated, freed with the copy): this one keeps its place."""
-        return DaliTrainLoader(self.runner.spec, self.steps_per_epoch, self.runner.pin_memory)
+        pipeline (without the decoder's preallocation; freed with the copy): this one keeps
+        its place. The first call returns the copy ``reserve_copy`` built, if any."""
+        copy, self.reserved_copy = self.reserved_copy, None
+        if copy is None:
+            copy = DaliTrainLoader(dataclasses.replace(self.runner.spec, preallocate=False), self.steps_per_epoch,
+                                   self.runner.pin_memory)
+        return copy
+
+    def reserve_copy(self) -> None:
+        """Build the first ``fresh_copy`` now: its memory is taken before training's, and when it
+        is freed it goes back to DALI's pool, where later copies find it."""
+        self.reserved_copy = None
+        self.reserved_copy = self.fresh_copy()
+        self.reserved_copy.runner.ensure_built()
 
     def state_dict(self) -> dict:
         """This process's reader position and random state (each process has its own)."""
@@ -456,8 +493,28 @@ def make_loaders(train: FolderSource | ShardSource, val: FolderSource | ShardSou
     common = dict(preprocess=preprocess, batch_size=per_process_batch, num_threads=max(1, num_threads),
                   prefetch=prefetch, shard_id=rank, num_shards=num_processes, seed=seed, device_id=device_id)
     steps_per_epoch = len(train) // (per_process_batch * num_processes)
-    train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, **common), steps_per_epoch,
-                                   pin_memory and device_id is None)
+    train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, preallocate=True, **common),
+                                   steps_per_epoch, pin_memory and device_id is None)
     val_loader = DaliValLoader(PipelineSpec(source=val, training=False, **common), pin_memory and device_id is None)
     return train_loader, val_loader, steps_per_epoch
+
+
+def build_before_training(train: DaliTrainLoader, val: DaliValLoader, with_stats_stream: bool) -> str:
+    """Build every pipeline the run will use now, before the model and its activations take
+    the GPU's memory (a pipeline built at the first evaluation may find none left); returns
+    what DALI reserved, for the log."""
+    device = train.runner.spec.device_id
+    free_before = torch.cuda.mem_get_info(device)[0] if device is not None else 0
+    train.runner.ensure_built()
+    val.runner.ensure_built()
+    if with_stats_stream:
+        train.reserve_copy()
+    built = 3 if with_stats_stream else 2
+    if device is None:
+        return f"DALI: {built} pipelines built before training, on the CPU"
+    reserved = free_before - torch.cuda.mem_get_info(device)[0]
+    pinned = train.runner.spec.preallocated_bytes()[1]
+    return (f"DALI: {built} pipelines built before training, {reserved / 2**30:.2f} GiB of device memory "
+            f"reserved; pinned host memory for the decoder's buffers: {pinned / 2**30:.2f} GiB "
+            f"({HOST_BUFFERS_PER_THREAD} x {HOST_MEMORY_PADDING / 2**20:.0f} MiB per thread, training pipeline only)")
 

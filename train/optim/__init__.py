@@ -16,6 +16,7 @@ from .registry import (
                        check_supported,
                        evaluation_weights,
                        param_groups,
+                       reads_training_batches,
                        reported_lr,
 )
 from .schedules import build_schedule
@@ -23,4 +24,4 @@ from .step import TrainStep
 from .weights import TrainedWeights
 
 __all__ = ["OPTIMIZERS", "TrainStep", "TrainedWeights", "build_optimizer", "build_schedule", "build_train_step",
-           "check_supported", "evaluation_weights", "param_groups", "reported_lr"]
+           "check_supported", "evaluation_weights", "param_groups", "reads_training_batches", "reported_lr"]

@@ -112,6 +112,11 @@ def evaluation_weights(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> Tr
     return OPTIMIZERS[cfg.name].weights(optimizer)
 
 
+def reads_training_batches(cfg: OptimConfig) -> bool:
+    """Whether the optimizer's evaluation hook reads training batches (BatchNorm statistics)."""
+    return OPTIMIZERS[cfg.name].weights.reads_training_batches
+
+
 def reported_lr(optimizer: torch.optim.Optimizer) -> float:
     """The lr of the last step as the optimizer applied it.
 

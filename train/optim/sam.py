@@ -50,30 +50,30 @@ def _norm_plus_epsilon(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))) + NORM_EPSILON
 
 
-def unscale_local_gradients(grads: list[torch.Tensor], accelerator: Accelerator) -> bool:
-    """fp16: divide the gradients by the loss scale in place; False if any process has inf/NaN.
+def unscale_local_gradients(grads: list[torch.Tensor], accelerator: Accelerator) -> torch.Tensor | None:
+    """fp16: divide the gradients by the loss scale in place; returns whether any process found
+    inf/NaN, as a boolean tensor on the device (None without a loss scaler: fp32, bf16).
 
     The check is GradScaler's own (the same kernel it runs in ``unscale_``). The result is
-    agreed on by all processes, since these gradients were not all-reduced and a process that
-    skipped the second pass would leave the others waiting in its all-reduce. Without a loss
-    scaler (fp32, bf16) there is nothing to do.
+    agreed on by all processes, since these gradients were not all-reduced. It stays on the
+    device: reading it here would make the host wait for the first pass before it can start
+    the second, which leaves the GPU idle in every step.
     """
     scaler = accelerator.scaler
     if scaler is None or not scaler.is_enabled() or not grads:
-        return True
+        return None
     device = grads[0].device
     found_inf = torch.zeros(1, dtype=torch.float32, device=device)
-    inv_scale = torch.full((1,), 1.0 / scaler.get_scale(), dtype=torch.float32, device=device)
+    # _scale is GradScaler's scale tensor on the device (get_scale() would read it back).
+    inv_scale = scaler._scale.double().reciprocal().float()
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-    return accelerator.reduce(found_inf, "sum").item() == 0
+    return accelerator.reduce(found_inf, "sum")[0] > 0
 
 
-def back_off_loss_scale(scaler: torch.amp.GradScaler) -> None:
-    """What ``GradScaler.update()`` does after an overflow: shrink the scale, restart growth counting."""
-    state = scaler.state_dict()
-    state["scale"] *= state["backoff_factor"]
-    state["_growth_tracker"] = 0
-    scaler.load_state_dict(state)
+def mark_step_to_skip(grads: list[torch.Tensor], overflow: torch.Tensor) -> None:
+    """After an overflow in the first pass, make the second pass's gradients non-finite (on the
+    device): GradScaler then skips the step and backs off the scale, as for any overflow."""
+    grads[0].view(-1)[:1].add_(torch.where(overflow, float("inf"), 0.0).to(grads[0].dtype))
 
 
 class _SAMStep(TrainStep):
@@ -116,15 +116,18 @@ class TwoStepSAM(_SAMStep):
             loss = self.backward(images, labels)
         weights = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in weights]
-        if not unscale_local_gradients(grads, self.accelerator):
-            # fp16 overflow in the first pass: skip the whole step, as GradScaler would skip one.
-            back_off_loss_scale(self.accelerator.scaler)
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss, False
+        overflow = unscale_local_gradients(grads, self.accelerator)
+        if overflow is not None:
+            # fp16 overflow on any process: e = 0 (the second pass runs at w) and the step is
+            # skipped, all decided on the device.
+            for grad in grads:
+                grad.masked_fill_(overflow, 0.0)
         self.perturb(weights, grads)
         with running_stats_frozen(self.batchnorm_layers):
             self.backward(images, labels)
         self.restore()
+        if overflow is not None:
+            mark_step_to_skip([p.grad for p in self.params if p.grad is not None], overflow)
         return loss, self.update()
 
 

@@ -58,6 +58,8 @@ class AveragedWeights(TrainedWeights):
     state records the mode, so ``before_training`` puts a resumed run right.
     """
 
+    reads_training_batches = True
+
     def before_evaluation(self, recompute_batchnorm: Callable[[], int]) -> None:
         self.optimizer.eval()
         samples = recompute_batchnorm()

@@ -17,6 +17,10 @@ import torch
 class TrainedWeights:
     """The weights in the parameters are the ones to evaluate, save and export."""
 
+    # Whether before_evaluation reads training batches (to recompute BatchNorm statistics):
+    # the loaders then prepare that stream before training starts.
+    reads_training_batches = False
+
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer  # as prepared by Accelerate
 
