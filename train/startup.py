@@ -22,6 +22,7 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
+from .micro_batch import choose_micro_batch
 from .models import build_model, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
@@ -147,9 +148,10 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
     with accelerator.main_process_first():  # the built-in data set is generated once
         data_dir = resolve_data_dir(config.data.data_dir)
     per_process_batch = train.batch_size // accelerator.num_processes
+    micro_batch = choose_micro_batch(train, config.data.num_classes, accelerator)  # "auto": tried on the GPU
     loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
                             per_process_batch, accelerator.num_processes, accelerator.process_index,
-                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda")
+                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda", micro_batch=micro_batch)
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size)
@@ -183,7 +185,9 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
     LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
              f"mixed precision {accelerator.mixed_precision}; data {config.data.data_dir}: "
              f"{loaders.num_train} train / {loaders.num_val} val images, {len(loaders.class_names)} classes; "
-             f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}")
+             f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}"
+             + (f", each {loaders.micro_batches_per_step} micro-batches of {micro_batch} per process"
+                if loaders.micro_batches_per_step > 1 else ""))
 
     stop = StopRequests().install()
     policy = CheckpointPolicy(stop, train.log.checkpoint_every_steps, train.log.checkpoint_every_minutes,
