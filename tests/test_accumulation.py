@@ -48,7 +48,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
     """fp32 training, the same maths summed in another order: equal to float rounding."""
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=2e-7, msg=name)
 
 
 # ------------------------------------------------------------------------------ config
@@ -276,7 +276,8 @@ def test_two_processes_2_x_2_x_16_give_the_weights_of_2_x_32_with_one_all_reduce
     for rank in ranks:
         whole, cut = rank[name][32], rank[name][16]
         assert_same_weights(cut["weights"], whole["weights"])
-        assert_same_weights(cut["weights"], single)  # and the one-process run's
+        if name != "sam-v1":  # v1 perturbs along each process's own gradient: it depends on the process count
+            assert_same_weights(cut["weights"], single)  # and the one-process run's
         # DDP averaged the gradients once per optimizer step: the earlier micro-batches ran under no_sync.
         assert whole["all_reduces"] == cut["all_reduces"] == 4
 
@@ -297,6 +298,17 @@ def test_a_two_process_run_with_accumulation_follows_the_one_process_run_without
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["val_acc1"] == b["val_acc1"] and a["lr"] == b["lr"]
+
+
+def test_batchnorm_statistics_are_recomputed_over_micro_batches_for_schedule_free(tiny_folder, tmp_path):
+    """num_samples_for_stats = 5 at micro-batches of 2: 3 micro-batches, 6 samples (not one whole batch of 8)."""
+    data = write(tmp_path / "data.toml", data_toml(tiny_folder))
+    config = write(tmp_path / "train.toml", tiny_train_toml(num_samples_for_stats=5, micro_batch_size=2).replace(
+        '[optim]\nname = "sgd"', '[optim]\nname = "sgd-schedule-free"').replace(
+        'name = "cosine"\nwarmup_epochs = 0.5', 'name = "constant"'))
+    result = run_train(["--data-cfg", str(data), "--train-cfg", str(config), "--output-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BatchNorm statistics recomputed for the averaged weights over 6 training samples" in result.stdout
 
 
 # ------------------------------------------------------------------ exact resume after a kill
