@@ -23,7 +23,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.cli import main as train_main  # noqa: E402
+from helpers import save_then_train  # noqa: E402
+
 from train.config import (  # noqa: E402
                           AdamWConfig,
                           AdamWScheduleFreeConfig,
@@ -98,10 +99,7 @@ def main() -> None:
         return size * 2**20
 
     result["agreed_micro_batch"] = search_micro_batch(accelerator, 64, peak_bytes_of, capacity=2**40)
-    torch.save(result, Path(sys.argv[1]) / f"rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if len(sys.argv) > 2:
-        sys.exit(train_main(sys.argv[2:]))
+    save_then_train(accelerator, result, sys.argv)
 
 
 if __name__ == "__main__":

@@ -132,8 +132,8 @@ def test_one_process_64_as_4_x_16_gives_the_weights_of_1_x_64(name):
     accelerator = Accelerator(cpu=True)
     whole, cut = trained_weights(accelerator, name, 64), trained_weights(accelerator, name, 16)
     assert_same_weights(cut["weights"], whole["weights"])
-    start = trained_weights(accelerator, name, 64)["weights"]  # the same again: deterministic
-    assert_same_weights(start, whole["weights"])
+    start = mlp().state_dict()
+    assert all((start[k] - whole["weights"][k]).abs().max() > 1e-3 for k in start)  # the steps did move them
 
 
 def test_clipping_acts_on_the_accumulated_gradient():
