@@ -94,15 +94,18 @@ def in_own_process(args: argparse.Namespace, micro: int) -> dict:
     command = [sys.executable, __file__, "--one", str(micro), "--arch", args.arch, "--batch-size",
                str(args.batch_size), "--image-size", str(args.image_size), "--num-classes", str(args.num_classes),
                "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"micro-batch {micro} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for micro in args.micro:
+    sizes = [args.one] if args.one is not None else args.micro
+    for micro in sizes:
         if micro <= 0 or args.batch_size % micro:
-            print(f"error: --micro {micro} does not divide --batch-size {args.batch_size}", file=sys.stderr)
+            print(f"error: micro-batch {micro} does not divide --batch-size {args.batch_size}", file=sys.stderr)
             return 2
     if args.one is not None:
         print(json.dumps(measure_one(args, args.one)))
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           f"best of {args.rounds} rounds of {args.steps} steps")
     memory_key = "peak_device_mib" if torch.cuda.is_available() else "peak_rss_above_start_mib"
     first = best[args.micro[0]]
-    print(f"{'micro':>6} {'steps/update':>12} {'img/s':>8} {'vs whole':>8} {'peak RSS MiB':>13} "
+    print(f"{'micro':>6} {'per step':>12} {'img/s':>8} {'vs whole':>8} {'peak RSS MiB':>13} "
           f"{'training MiB':>13} {'vs whole':>8}")
     for micro, figures in best.items():
         print(f"{micro:6d} {args.batch_size // micro:12d} {figures['images_per_s']:8.1f} "
