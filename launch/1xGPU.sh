@@ -14,4 +14,11 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
+# One GPU takes the whole global batch: train.micro_batch_size=auto finds the micro-batch that
+# fits and accumulates gradients up to the recipe's batch. It goes right after the two config
+# files, so that a --set of the user's (later) overrides it; arguments that start with an
+# option are passed on as they are.
+if (( $# >= 2 )) && [[ $1 != -* ]]; then
+    set -- "$1" "$2" --set train.micro_batch_size=auto "${@:3}"
+fi
 exec bash launch/slurm_job.sh "$@"

@@ -22,4 +22,7 @@ launcher_args=(--local)
 if [[ -n "${MIXED_PRECISION:-}" ]]; then
     launcher_args+=(--mixed-precision "$MIXED_PRECISION")
 fi
-exec "$python" "$here/node_launcher.py" "${launcher_args[@]}" -- --data-cfg "$data_cfg" --train-cfg "$train_cfg" "$@"
+# Whatever the number of GPUs, the micro-batch that fits is found and gradients are accumulated
+# up to the recipe's global batch (train.micro_batch_size=auto; a later --set overrides it).
+exec "$python" "$here/node_launcher.py" "${launcher_args[@]}" -- --data-cfg "$data_cfg" --train-cfg "$train_cfg" \
+    --set train.micro_batch_size=auto "$@"

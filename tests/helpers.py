@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from train.data.builtin import render_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,3 +141,15 @@ def batches_around_a_restore(make_loaders, stop_after: int, epochs: int = 1) -> 
         resumed.set_epoch(epoch, 0)
         restored += list(resumed.train)
     return expected[stop_after:], restored
+
+
+def save_then_train(accelerator, result: dict, argv: list[str]) -> None:
+    """How a worker under ``accelerate launch`` ends: ``result`` to ``argv[1]/rank<r>.pt`` for the
+    test to read; then, given trainer arguments after it, a training run in the same processes
+    (one launch instead of two keeps the test suite fast)."""
+    from train.cli import main as train_main
+
+    torch.save(result, Path(argv[1]) / f"rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if len(argv) > 2:
+        sys.exit(train_main(argv[2:]))

@@ -24,9 +24,9 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers import save_then_train  # noqa: E402
 from optim_reference import linear_model, tiny_problem  # noqa: E402
 
-from train.cli import main as train_main  # noqa: E402
 from train.config import SGDSAMConfig  # noqa: E402
 from train.optim import build_optimizer, build_train_step  # noqa: E402
 from train.optim.batchnorm import recompute_running_stats  # noqa: E402
@@ -75,10 +75,7 @@ def main() -> None:
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
     result = {"sam": two_step_sam(accelerator), "batchnorm": batchnorm_statistics(accelerator)}
-    torch.save(result, Path(sys.argv[1]) / f"rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if len(sys.argv) > 2:
-        sys.exit(train_main(sys.argv[2:]))
+    save_then_train(accelerator, result, sys.argv)
 
 
 if __name__ == "__main__":

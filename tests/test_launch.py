@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -495,6 +496,18 @@ def test_failed_training_is_not_requeued(tiny_folder, tmp_path):
     assert not (root / "scontrol.log").exists()
 
 
+def test_the_one_gpu_profile_asks_for_the_micro_batch_that_fits(tiny_folder, tmp_path):
+    """launch/1xGPU.sh passes train.micro_batch_size = "auto" (on the CPU: the whole batch);
+    a --set of the user's comes after it and wins."""
+    root = submit_dir(tmp_path, tiny_folder)
+    result = sbatch(root, "1xGPU", slurm_env(root, job_id=4246, gpus_per_node=1))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert tomllib.loads((root / "runs" / "4246" / "config.toml").read_text())["train"]["micro_batch_size"] == "auto"
+    assert 'train.micro_batch_size = "auto" on the CPU: the whole per-process batch (8)' in result.stdout
+    mine = sbatch(root, "1xGPU", slurm_env(root, job_id=4247, gpus_per_node=1), "--set", "train.micro_batch_size=3")
+    assert mine.returncode == 2 and "train.micro_batch_size (3) must divide the per-process batch" in mine.stderr
+
+
 def test_wrapper_refuses_to_run_outside_slurm_or_without_configs(tmp_path, tiny_folder):
     root = submit_dir(tmp_path, tiny_folder)
     outside = subprocess.run(["bash", "launch/slurm_job.sh", "data.toml", "train.toml"], cwd=root,
@@ -591,6 +604,7 @@ def test_local_launcher_passes_a_stop_signal_to_a_single_process(tiny_folder, tm
     assert job.returncode == EXIT_PREEMPTED, output[-3000:]
     assert "local run: 1 node(s) x 1 process(es) = 1, mixed precision bf16" in output
     assert list((out / "checkpoints").iterdir())
+    assert tomllib.loads((out / "config.toml").read_text())["train"]["micro_batch_size"] == "auto"
 
 
 # ------------------------------------------------------------------------------- sync_bn

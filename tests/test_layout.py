@@ -17,7 +17,7 @@ PACKAGE = REPO / "train"
 LAYERS = {
     "base": ["errors", "files", "config"],
     "parts": ["data", "optim", "models", "checkpoint", "export", "validation", "tracking", "progress",
-              "preemption", "rundir"],
+              "preemption", "rundir", "micro_batch"],
     "startup": ["startup"],
     "loop": ["loop"],
     "entry points": ["cli", "__main__", "evaluate", "hub", "report", "sweep", "benchmark", "dataset_tools"],

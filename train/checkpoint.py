@@ -63,7 +63,7 @@ class TrainerState:
 @dataclass
 class EpochState:
     """One process's position inside the current epoch."""
-    batches_done: int = 0
+    batches_done: int = 0  # optimizer steps (global batches): a step is never saved half-accumulated
     loss_sum: float = 0.0  # this process's summed training loss over those batches
     seconds: float = 0.0  # training time spent in this epoch so far
     loader_state: dict | None = None  # reader position for loaders that have one (DALI)

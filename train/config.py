@@ -175,6 +175,11 @@ class LogConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _bounds(1024, gt=0)  # global: summed over all processes
+    # Samples per forward and backward pass on each process. 0: the whole per-process batch
+    # (batch_size / processes), no gradient accumulation. A divisor of it: each optimizer step
+    # accumulates the gradients of batch_size / (processes * micro_batch_size) passes.
+    # "auto": the largest that fits in GPU memory (on the CPU, the whole per-process batch).
+    micro_batch_size: int | Literal["auto"] = _bounds(0, ge=0)
     max_epochs: int = _bounds(90, gt=0)
     lr: float = _bounds(1e-3, gt=0)
     label_smoothing: float = _bounds(0.1, ge=0, lt=1)
@@ -459,6 +464,7 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if t.batch_size % num_processes:
         raise ConfigError(f"{source}: train.batch_size ({t.batch_size}) is not divisible by the number of "
                           f"processes ({num_processes})")
+    check_micro_batch(t, source, num_processes)
     schedule_free = isinstance(t.optim, (SGDScheduleFreeConfig, AdamWScheduleFreeConfig))
     if schedule_free and not isinstance(t.lr_scheduler, ConstantScheduleConfig):
         raise ConfigError(f"{source}: train.optim.name = {t.optim.name!r} needs train.lr_scheduler.name = "
@@ -472,6 +478,27 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if t.checkpoint_dir:
         raise ConfigError(f"{source}: train.checkpoint_dir is not supported; to resume, run the same command "
                           "again (same --output-dir) or pass --resume RUN/checkpoints/<step>")
+
+
+def divisors(n: int) -> list[int]:
+    """The whole numbers that divide ``n``, ascending: the micro-batch sizes a per-process batch allows."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_micro_batch(t: TrainConfig, source: str, num_processes: int) -> None:
+    """A micro-batch size must split the per-process batch into a whole number of passes."""
+    micro = t.micro_batch_size
+    if micro == "auto" or micro == 0:
+        return
+    per_process = t.batch_size // num_processes
+    if per_process % micro == 0:
+        return
+    valid = divisors(per_process)
+    nearest = [d for d in (max((d for d in valid if d < micro), default=None),
+                           min((d for d in valid if d > micro), default=None)) if d is not None]
+    raise ConfigError(f"{source}: train.micro_batch_size ({micro}) must divide the per-process batch "
+                      f"({per_process} = train.batch_size {t.batch_size} / {num_processes} process(es)) to give a "
+                      f"whole number of accumulation steps; nearest valid values: {' and '.join(map(str, nearest))}")
 
 
 def to_dict(config: Any) -> dict:

@@ -79,9 +79,11 @@ def train_one_epoch(run: Run, state: EpochState) -> bool:
     loss_sum = torch.tensor(state.loss_sum, device=accelerator.device)
     started = time.perf_counter() - state.seconds
     try:
-        for images, labels in loaders.train:
-            images, labels = to_device(images, labels, accelerator.device, train.channels_last)
-            loss, updated = run.train_step(images, labels)  # forward, backward, optimizer step (plain or SAM)
+        for micro_batches in loaders.train_steps():  # this process's share of a global batch
+            micro_batches = [to_device(images, labels, accelerator.device, train.channels_last)
+                             for images, labels in micro_batches]
+            # forward and backward per micro-batch, one optimizer step (plain or SAM)
+            loss, updated = run.train_step.on_micro_batches(micro_batches)
             if updated:  # an fp16 overflow skips the step: keep the lr schedule in step with updates
                 run.scheduler.step()
 
@@ -118,12 +120,14 @@ def recompute_batchnorm(run: Run) -> int:
     """BatchNorm statistics recomputed for the weights in the model over ``num_samples_for_stats``
     training samples, the same on every process; returns the number of samples used."""
     train, accelerator, loaders = run.config.train, run.accelerator, run.loaders
-    num_batches = min(loaders.steps_per_epoch, -(-train.num_samples_for_stats // train.batch_size))
+    batch = train.batch_size // loaders.micro_batches_per_step  # global samples per (micro-)batch of the stream
+    num_batches = min(loaders.steps_per_epoch * loaders.micro_batches_per_step,
+                      -(-train.num_samples_for_stats // batch))
     images = (to_device(images, labels, accelerator.device, train.channels_last)[0]
               for images, labels in itertools.islice(loaders.train_stats(), num_batches))
     used = recompute_running_stats(bare_model(accelerator, run.model), images,
                                    lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
-    return used * train.batch_size
+    return used * batch
 
 
 def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) -> None:

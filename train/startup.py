@@ -28,6 +28,7 @@ from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
 from .errors import SharedUserError, StorageError, UserError, first_line
+from .micro_batch import choose_micro_batch
 from .models import build_model, choose_channels_last, use_sync_batchnorm
 from .optim import (
     TrainedWeights,
@@ -220,10 +221,11 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
     with accelerator.main_process_first():  # the built-in data set is generated once
         data_dir = resolve_data_dir(config.data.data_dir)
     per_process_batch = train.batch_size // accelerator.num_processes
+    micro_batch = choose_micro_batch(train, config.data.num_classes, accelerator)  # "auto": tried on the GPU
     loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
                             per_process_batch, accelerator.num_processes, accelerator.process_index,
                             train.reproduce.seed, pin_memory=accelerator.device.type == "cuda",
-                            on_main_process=lambda work: on_main_process(accelerator, work))
+                            on_main_process=lambda work: on_main_process(accelerator, work), micro_batch=micro_batch)
     if loaders.build_before_training is not None:
         LOG.info(loaders.build_before_training(reads_training_batches(train.optim)))
 
@@ -264,7 +266,9 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
              f"mixed precision {accelerator.mixed_precision}, channels_last {str(train.channels_last).lower()}; "
              f"data {config.data.data_dir}: "
              f"{loaders.num_train} train / {loaders.num_val} val images, {len(loaders.class_names)} classes; "
-             f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}")
+             f"{loaders.steps_per_epoch} steps per epoch at global batch {train.batch_size}"
+             + (f", each {loaders.micro_batches_per_step} micro-batches of {micro_batch} per process"
+                if loaders.micro_batches_per_step > 1 else ""))
 
     stop = StopRequests().install()
     policy = CheckpointPolicy(stop, train.log.checkpoint_every_steps, train.log.checkpoint_every_minutes,

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,8 @@ BUILTIN_PREFIX = "builtin:"
 @dataclass
 class Loaders:
     """What the training loop needs from an input pipeline; every loader provides this."""
-    # Yields (images, labels) batches: steps_per_epoch of them, as many on every process.
+    # Yields (images, labels) micro-batches: micro_batches_per_step for each of the
+    # steps_per_epoch optimizer steps, as many on every process.
     train: Iterable
     # Yields (images, labels) for this process's shard of the validation set: every sample
     # exactly once over all processes, no padding, no duplicates.
@@ -38,8 +40,8 @@ class Loaders:
     class_names: tuple[str, ...]
     num_train: int
     num_val: int
-    steps_per_epoch: int
-    # Called before each epoch's pass over `train`: set_epoch(epoch, start_batch).
+    steps_per_epoch: int  # optimizer steps (global batches)
+    # Called before each epoch's pass over `train`: set_epoch(epoch, start_step).
     set_epoch: Callable[[int, int], None]
     # A new stream of training batches (training preprocessing, this process's shard) that
     # leaves `train`'s position alone: BatchNorm statistics are recomputed from it mid-run.
@@ -55,6 +57,14 @@ class Loaders:
     # stream's included when asked), before training takes the GPU's memory; returns a line
     # for the log. None for loaders with nothing to build.
     build_before_training: Callable[[bool], str] | None = None
+    # Micro-batches per optimizer step on each process (gradient accumulation; 1: none).
+    micro_batches_per_step: int = 1
+
+    def train_steps(self) -> Iterator[list]:
+        """The epoch's training micro-batches (from the position set_epoch gave), a list per optimizer step."""
+        batches = iter(self.train)
+        while step := list(itertools.islice(batches, self.micro_batches_per_step)):
+            yield step
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -93,13 +103,17 @@ def resolve_data_dir(data_dir: str) -> str:
 
 def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
                   num_processes: int, rank: int, seed: int, pin_memory: bool,
-                  on_main_process: Callable[[Callable[[], None]], None] | None = None) -> Loaders:
-    """This process's loaders. ``on_main_process(work)``: runs one-off work for the whole job
-    (verifying a folder's images) on one process while the others wait; None runs it here."""
+                  on_main_process: Callable[[Callable[[], None]], None] | None = None,
+                  micro_batch: int | None = None) -> Loaders:
+    """This process's loaders, with batches of ``micro_batch`` (a divisor of ``per_process_batch``,
+    which it defaults to) for training and validation. ``on_main_process(work)``: runs one-off
+    work for the whole job (verifying a folder's images) on one process while the others wait;
+    None runs it here."""
     loader_cfg = data.dataloader
+    micro_batch = micro_batch or per_process_batch
     if loader_cfg.name == "dali":
         return _build_dali_loaders(data, preprocess, per_process_batch, num_processes, rank, seed, pin_memory,
-                                   on_main_process)
+                                   on_main_process, micro_batch)
     if is_shard_set(Path(data.data_dir)):
         raise DataError(f"data.data_dir: {data.data_dir} holds WebDataset shards, which only "
                         "data.dataloader.name = \"dali\" reads")
@@ -120,8 +134,8 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
     if len(train_set) < global_batch:
         raise DataError(f"data.data_dir: {len(train_set)} training images are fewer than one global batch "
                         f"(train.batch_size = {global_batch}); lower train.batch_size")
-    train_sampler = ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed)
-    val_sampler = EvalBatchSampler(len(val_set), per_process_batch, num_processes, rank)
+    train_sampler = ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch)
+    val_sampler = EvalBatchSampler(len(val_set), micro_batch, num_processes, rank)
     workers = loader_cfg.num_data_workers
     return Loaders(
         train=hf.make_loader(train_set, train_sampler, workers, pin_memory),
@@ -132,15 +146,16 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
         steps_per_epoch=len(train_set) // global_batch,
         set_epoch=train_sampler.set_epoch,
         train_stats=lambda: hf.make_loader(
-            train_set, ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed), workers,
-            pin_memory),
+            train_set, ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch),
+            workers, pin_memory),
         class_descriptions=descriptions,
+        micro_batches_per_step=per_process_batch // micro_batch,
     )
 
 
 def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
                         num_processes: int, rank: int, seed: int, pin_memory: bool,
-                        on_main_process: Callable[[Callable[[], None]], None] | None) -> Loaders:
+                        on_main_process: Callable[[Callable[[], None]], None] | None, micro_batch: int) -> Loaders:
     from . import dali  # imported when chosen: DALI is large, and Linux-only
 
     loader_cfg = data.dataloader
@@ -152,7 +167,8 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
                         f"(train.batch_size = {global_batch}); lower train.batch_size")
     train, val, steps_per_epoch = dali.make_loaders(
         train_source, val_source, preprocess, per_process_batch, num_processes, rank, seed,
-        loader_cfg.num_data_workers, loader_cfg.prefetch_queue_depth, pin_memory)
+        loader_cfg.num_data_workers, loader_cfg.prefetch_queue_depth, pin_memory, micro_batch)
+    micro_batches_per_step = per_process_batch // micro_batch
     return Loaders(
         train=train,
         val=val,
@@ -160,10 +176,11 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
         num_train=len(train_source),
         num_val=len(val_source),
         steps_per_epoch=steps_per_epoch,
-        set_epoch=train.set_epoch,
+        set_epoch=lambda epoch, start_step: train.set_epoch(epoch, start_step * micro_batches_per_step),
         state_dict=train.state_dict,
         load_state_dict=train.load_state_dict,
         train_stats=train.fresh_copy,
         class_descriptions=descriptions,
         build_before_training=lambda with_stats_stream: dali.build_before_training(train, val, with_stats_stream),
+        micro_batches_per_step=micro_batches_per_step,
     )

@@ -11,7 +11,7 @@ horizontal flip, normalize, CHW float. Validation: resize the shorter side to
 
 Each process reads shard ``rank`` of ``num_processes``. DALI pads every shard to the same
 number of batches by repeating its last sample; the wrappers below turn that into what the
-training loop expects: exactly ``steps_per_epoch`` batches per training epoch on every
+training loop expects: exactly as many batches per training epoch on every
 process (the rest of DALI's epoch is read and dropped, so the next epoch starts on an epoch
 boundary), and for validation exactly this shard's samples, padding cut off.
 """
@@ -334,7 +334,8 @@ class _Runner:
 
 
 class DaliTrainLoader:
-    """Training batches: ``steps_per_epoch`` per epoch, the same number on every process.
+    """Training batches: ``epoch_length`` per epoch, the same number on every process
+    (micro-batches when the trainer accumulates gradients: several per optimizer step).
 
     ``position`` is (epoch, batches yielded in it). At the end of an epoch the rest of DALI's
     epoch for this shard (the ragged end and the padding, at most two batches) is read and
@@ -342,9 +343,9 @@ class DaliTrainLoader:
     with the loop's epochs.
     """
 
-    def __init__(self, spec: PipelineSpec, steps_per_epoch: int, pin_memory: bool):
+    def __init__(self, spec: PipelineSpec, epoch_length: int, pin_memory: bool):
         self.runner = _Runner(spec, pin_memory)
-        self.steps_per_epoch = steps_per_epoch
+        self.epoch_length = epoch_length  # batches yielded per epoch
         self.position = (0, 0)
         self.reader_batches = 0  # batches taken from the current DALI epoch, dropped ones included
         self.requested: tuple[int, int] | None = None
@@ -357,13 +358,13 @@ class DaliTrainLoader:
 
     def __len__(self) -> int:
         epoch, done = self.requested or self.position
-        return self.steps_per_epoch - done
+        return self.epoch_length - done
 
     def __iter__(self):
         self.runner.ensure_built()
         self._go_to_requested_position()
         epoch, done = self.position
-        while done < self.steps_per_epoch:
+        while done < self.epoch_length:
             batch = self.runner.next_batch()
             self.reader_batches += 1
             done += 1
@@ -379,7 +380,7 @@ class DaliTrainLoader:
     def _go_to_requested_position(self) -> None:
         requested, self.requested = self.requested, None
         restored, self.restored = self.restored, False
-        if self.position[1] >= self.steps_per_epoch:  # the last pass stopped after its final batch
+        if self.position[1] >= self.epoch_length:  # the last pass stopped after its final batch
             self._finish_reader_epoch()
             self.position = (self.position[0] + 1, 0)
         if requested is None or requested == self.position:
@@ -403,7 +404,7 @@ class DaliTrainLoader:
         its place. The first call returns the copy ``reserve_copy`` built, if any."""
         copy, self.reserved_copy = self.reserved_copy, None
         if copy is None:
-            copy = DaliTrainLoader(dataclasses.replace(self.runner.spec, preallocate=False), self.steps_per_epoch,
+            copy = DaliTrainLoader(dataclasses.replace(self.runner.spec, preallocate=False), self.epoch_length,
                                    self.runner.pin_memory)
         return copy
 
@@ -429,7 +430,7 @@ class DaliTrainLoader:
         if state.get("version") != STATE_VERSION or saved != now:
             raise DataError(f"the saved DALI loader state is for shard {saved[0]} of {saved[1]}, batch {saved[2]}, "
                             f"{saved[3]} images; this run is shard {now[0]} of {now[1]}, batch {now[2]}, {now[3]} "
-                            "images: resume with the same number of processes, batch size and data")
+                            "images: resume with the same number of processes, (micro-)batch size and data")
         self.runner.restore(state["pipeline"])
         self.position = (state["epoch"], state["batch"])
         self.reader_batches = state["reader_batches"]
@@ -487,14 +488,19 @@ def choose_device(dali_cpu: bool) -> int | None:
 
 def make_loaders(train: FolderSource | ShardSource, val: FolderSource | ShardSource, preprocess: PreprocessConfig,
                  per_process_batch: int, num_processes: int, rank: int, seed: int, num_threads: int,
-                 prefetch: int, pin_memory: bool) -> tuple[DaliTrainLoader, DaliValLoader, int]:
-    """The training and validation loaders of this process, and the steps per epoch."""
+                 prefetch: int, pin_memory: bool, micro_batch: int) -> tuple[DaliTrainLoader, DaliValLoader, int]:
+    """The training and validation loaders of this process, and the (optimizer) steps per epoch.
+
+    The pipelines run batches of ``micro_batch``: with gradient accumulation, DALI decodes
+    and holds one micro-batch at a time, not the whole per-process batch.
+    """
     device_id = choose_device(preprocess.dali_cpu)
-    common = dict(preprocess=preprocess, batch_size=per_process_batch, num_threads=max(1, num_threads),
+    common = dict(preprocess=preprocess, batch_size=micro_batch, num_threads=max(1, num_threads),
                   prefetch=prefetch, shard_id=rank, num_shards=num_processes, seed=seed, device_id=device_id)
     steps_per_epoch = len(train) // (per_process_batch * num_processes)
+    micro_batches_per_epoch = steps_per_epoch * (per_process_batch // micro_batch)
     train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, preallocate=True, **common),
-                                   steps_per_epoch, pin_memory and device_id is None)
+                                   micro_batches_per_epoch, pin_memory and device_id is None)
     val_loader = DaliValLoader(PipelineSpec(source=val, training=False, **common), pin_memory and device_id is None)
     return train_loader, val_loader, steps_per_epoch
 

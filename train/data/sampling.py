@@ -19,11 +19,17 @@ class ShardedBatchSampler:
     each. The global batches therefore do not depend on the number of processes, and every
     process runs the same number of steps (the ragged end of the epoch is dropped), so no
     process waits at a gradient all-reduce the others never reach.
+
+    With gradient accumulation (``micro_batch`` smaller than ``per_process_batch``) the slice
+    comes as consecutive micro-batches of ``micro_batch`` keys, the same samples in the same
+    order. ``set_epoch``'s start and ``len`` stay in global batches and micro-batches respectively.
     """
 
-    def __init__(self, num_samples: int, per_process_batch: int, num_processes: int, rank: int, seed: int):
+    def __init__(self, num_samples: int, per_process_batch: int, num_processes: int, rank: int, seed: int,
+                 micro_batch: int | None = None):
         self.num_samples = num_samples
         self.per_process_batch = per_process_batch
+        self.micro_batch = micro_batch or per_process_batch
         self.num_processes = num_processes
         self.rank = rank
         self.seed = seed
@@ -39,14 +45,15 @@ class ShardedBatchSampler:
         self.start_batch = start_batch
 
     def __len__(self) -> int:
-        return self.num_samples // self.global_batch - self.start_batch
+        return (self.num_samples // self.global_batch - self.start_batch) * (self.per_process_batch // self.micro_batch)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         for batch in range(self.start_batch, self.num_samples // self.global_batch):
             first = batch * self.global_batch + self.rank * self.per_process_batch
-            yield [(self.epoch, index) for index in order[first:first + self.per_process_batch]]
+            for start in range(first, first + self.per_process_batch, self.micro_batch):
+                yield [(self.epoch, index) for index in order[start:start + self.micro_batch]]
 
 
 class EvalBatchSampler:

@@ -1,7 +1,7 @@
 """Optimizers, the step that drives each, lr schedules and BatchNorm statistics.
 
 - ``registry``: optimizers by name (``[optim] name``) and what each needs;
-- ``step``: the plain train step (forward, backward, optimizer step through Accelerate);
+- ``step``: the plain train step (forward and backward per micro-batch, one optimizer step through Accelerate);
 - ``sam``: SAM's two-step (v1) and single-step (v2) train steps;
 - ``schedule_free``: Schedule-Free SGD/AdamW and their averaged-weights evaluation hook;
 - ``weights``: the evaluation hook's default (evaluate the weights being trained);

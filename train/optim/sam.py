@@ -11,6 +11,8 @@ SAM steps with the gradient measured at ``w + e`` instead of ``w``, where
 
 SAM only moves the point where the gradient is taken; the base optimizer (its param groups,
 weight decay and lr schedule) steps exactly as it would alone, and ``rho = 0`` is plain SGD.
+With gradient accumulation every gradient above is the whole batch's, accumulated over its
+micro-batches, and the weights are perturbed once per step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from accelerate import Accelerator
 
 from .batchnorm import batchnorm_layers, running_stats_frozen
-from .step import TrainStep
+from .step import MicroBatches, TrainStep
 
 # Keeps e finite when the gradient is zero (then e is zero too).
 NORM_EPSILON = 1e-12
@@ -104,16 +106,17 @@ class TwoStepSAM(_SAMStep):
     gradient (the paper's m-sharpness, with m the per-process batch) and only the second
     gradient is all-reduced, so the step costs one all-reduce as plain SGD does. The second
     pass leaves the BatchNorm running statistics alone: they describe the batch at w once.
-    The reported loss is the first pass's, the loss at w.
+    The reported loss is the first pass's, the loss at w. With accumulation both passes run
+    over all the micro-batches: the first accumulates this process's gradient without any
+    all-reduce, the second all-reduces once, after its last micro-batch.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.batchnorm_layers = batchnorm_layers(self.model)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        with self.accelerator.no_sync(self.model):
-            loss = self.backward(images, labels)
+    def on_micro_batches(self, micro_batches: MicroBatches) -> tuple[torch.Tensor, bool]:
+        loss = self.backward(micro_batches, synchronize=False)
         weights = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in weights]
         overflow = unscale_local_gradients(grads, self.accelerator)
@@ -124,7 +127,7 @@ class TwoStepSAM(_SAMStep):
                 grad.masked_fill_(overflow, 0.0)
         self.perturb(weights, grads)
         with running_stats_frozen(self.batchnorm_layers):
-            self.backward(images, labels)
+            self.backward(micro_batches)
         self.restore()
         if overflow is not None:
             mark_step_to_skip([p.grad for p in self.params if p.grad is not None], overflow)
@@ -137,15 +140,16 @@ class SingleStepSAM(_SAMStep):
     The gradient kept for the next step is the one the base optimizer used: all-reduced,
     unscaled (fp16) and clipped. The weights therefore move identically on every process.
     A skipped (fp16 overflow) step keeps the gradient from before. The reported loss is the
-    loss at the perturbed weights, the only one computed.
+    loss at the perturbed weights, the only one computed. With accumulation the previous
+    step's gradient is the previous global batch's, and all micro-batches share one perturbation.
     """
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def on_micro_batches(self, micro_batches: MicroBatches) -> tuple[torch.Tensor, bool]:
         state = self.optimizer.state
         weights = [p for p in self.params if PREVIOUS_GRAD in state[p]]
         if weights:
             self.perturb(weights, [state[p][PREVIOUS_GRAD] for p in weights])
-        loss = self.backward(images, labels)
+        loss = self.backward(micro_batches)
         if weights:
             self.restore()
         updated = self.update()
