@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         train_cfg = args.train_cfg or BUILTIN_TRAIN
         num_processes = int(os.environ.get("WORLD_SIZE", "1"))
         config = load_config(data_cfg, train_cfg, args.overrides, num_processes)
-        models.resolve_arch(config.train.arch)
+        models.check_model(config.train, config.data.num_classes, describe_source(train_cfg, "train", args.overrides))
         optim.check_supported(config.train.optim, describe_source(train_cfg, "train", args.overrides))
         data.check_supported(config.data, describe_source(data_cfg, "data", args.overrides))
     except UserError as exc:

@@ -152,7 +152,7 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
                             train.reproduce.seed, pin_memory=accelerator.device.type == "cuda")
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
-                        train.preprocess.val_crop_size)
+                        train.preprocess.val_crop_size, train.model)
     if train.sync_bn:
         model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
     if train.channels_last:
