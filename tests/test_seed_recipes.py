@@ -96,7 +96,7 @@ def test_configs_outside_the_seed_table_evaluate_and_build_their_models_as_the_s
     t = shipped(name)
     assert (t.preprocess.train_crop_size, t.preprocess.val_image_size, t.preprocess.val_crop_size) == (176, 224, 224)
     assert t.model == ({"drop_rate": 0.5} if name.startswith("vgg") else {"zero_init_last": False})
-    assert t.recompute_bn_before_final_eval == (name != "vgg16")  # vgg16 has no BatchNorm
+    assert (t.recompute_bn_before_final_eval, t.num_samples_for_stats) == (True, 102400)
 
 
 def test_vit_recipe_decays_neither_embeddings_nor_norms_nor_biases():
