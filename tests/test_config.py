@@ -146,31 +146,6 @@ SEED_CONFIGS = ["resnet50-adam", "resnet50-sgd", "resnet50-sf-sgd", "resnet50-sg
                 "resnet18-sgd", "resnet18-sgd-sam-v1", "resnet18-sgd-sam-v2", "vit_base_16", "vgg16", "vgg16_bn"]
 
 
-@pytest.mark.parametrize("name", SEED_CONFIGS)
-def test_shipped_train_configs_are_valid_and_keep_the_seed_recipe(name):
-    config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
-    t = config.train
-    assert (t.batch_size, t.max_epochs, t.label_smoothing) == (1024, 90, 0.1)
-    p = t.preprocess
-    assert (p.val_image_size, p.val_crop_size, p.interpolation) == (256, 224, "bilinear")
-    if name != "vit_base_16":
-        assert t.preprocess.train_crop_size == 176
-    if name == "resnet50-sf-sgd":
-        o = t.optim
-        assert (t.lr, o.momentum, o.weight_decay, o.r, o.weight_lr_power) == (10, 0.9, 5e-5, 0.75, 2)
-        assert t.lr_scheduler.name == "constant"
-    else:
-        assert (t.lr_scheduler.warmup_epochs, t.lr_scheduler.warmup_decay) == (5, 0.01)
-    if name in ("resnet50-sgd", "resnet18-sgd") or "sam" in name:
-        assert (t.lr, t.optim.momentum, t.optim.weight_decay) == (1.0, 0.875, 1 / 32768)
-    if name.endswith("sam-v1"):
-        assert (t.optim.rho, t.optim.v2) == (0.05, False)
-    if name.endswith("sam-v2"):
-        assert (t.optim.rho, t.optim.adaptive, t.optim.v2) == (1.0, True, True)
-    if name == "resnet50-adam":
-        assert (t.optim.name, t.lr) == ("adam", 1e-3)
-
-
 def test_shipped_data_configs():
     train = REPO / "configs/train/resnet50-sgd.toml"
     assert load_config(REPO / "configs/data/imagenet.toml", train).data.dataloader.name == "dali"
@@ -206,7 +181,7 @@ def test_cli_reports_unknown_arch_with_close_matches(capsys, files):
 def test_every_shipped_config_passes_the_start_up_checks(name):
     from train import data, models, optim
     config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
-    models.resolve_arch(config.train.arch)
+    models.check_model(config.train, config.data.num_classes, name)
     optim.check_supported(config.train.optim, name)
     data.check_supported(config.data, "imagenet.toml")
 

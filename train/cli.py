@@ -48,7 +48,7 @@ def load_checked_config(data_cfg: Path, train_cfg: Path, overrides: list[str], n
     """The config as a run would start with it: files, overrides, and what the chosen model,
     optimizer and loader accept; raises UserError."""
     config = load_config(data_cfg, train_cfg, overrides, num_processes)
-    models.resolve_arch(config.train.arch)
+    models.check_model(config.train, config.data.num_classes, describe_source(train_cfg, "train", overrides))
     optim.check_supported(config.train.optim, describe_source(train_cfg, "train", overrides))
     data.check_supported(config.data, describe_source(data_cfg, "data", overrides))
     return config

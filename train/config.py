@@ -198,7 +198,12 @@ class TrainConfig:
     # for small per-GPU batches; costs a collective per BN layer. GPUs only.
     sync_bn: bool = False
     eval_freq: int = _bounds(1, gt=0)  # epochs between evaluations (the last always runs)
-    num_samples_for_stats: int = _bounds(102400, gt=0)  # BN recalibration (Schedule-Free)
+    num_samples_for_stats: int = _bounds(102400, gt=0)  # training images BatchNorm statistics are recomputed over
+    # Recompute BatchNorm statistics before the last epoch's evaluation (and so for the exported model),
+    # as the seed does for every optimizer; Schedule-Free recomputes them before every evaluation anyway.
+    recompute_bn_before_final_eval: bool = False
+    # Keyword arguments for timm.create_model, checked against the model's own (e.g. zero_init_last = false).
+    model: dict[str, Any] = field(default_factory=dict)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     optim: OptimConfig = field(default_factory=AdamConfig)
     lr_scheduler: ScheduleConfig = field(default_factory=CosineScheduleConfig)
@@ -268,6 +273,12 @@ def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def convert_value(tp: Any, value: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (bool, int, float, str, a Literal, or a union of these), or a
+    ConfigError naming ``where``: for tables checked outside this schema, such as ``[model]``."""
+    return _convert_scalar(tp, value, where)
+
+
 def _check_bounds(f: dataclasses.Field, value: Any, where: str) -> None:
     limits = f.metadata
     if not limits or isinstance(value, (str, bool)):  # bounds are for numbers ("auto" has none)
@@ -304,6 +315,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             values[name] = _build_tagged(members, value, f"{prefix}.{name}", source)
         elif _is_dataclass_type(tp):
             values[name] = _build(tp, value, f"{prefix}.{name}", source)
+        elif get_origin(tp) is dict:  # a free-form table, checked by whoever receives it
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} must be a table, got {_fmt(value)}")
+            values[name] = dict(value)
         else:
             values[name] = _convert_scalar(tp, value, where)
             _check_bounds(f, values[name], where)

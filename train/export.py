@@ -44,7 +44,7 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
         "num_features": getattr(model, "num_features", None),
         "label_names": list(class_names),
         **({"label_descriptions": dict(zip(class_names, class_descriptions))} if class_descriptions else {}),
-        "model_args": model_args(arch, p.train_crop_size, p.val_crop_size),
+        "model_args": model_args(arch, p.train_crop_size, p.val_crop_size, config.train.model),
         "pretrained_cfg": {
             "input_size": [3, p.val_crop_size, p.val_crop_size],
             "crop_pct": p.val_crop_size / p.val_image_size,
@@ -69,12 +69,15 @@ def model_card(config: Config, metrics: list[dict], command: str, described: boo
         "",
         "## Recipe",
         "",
-        f"- architecture: `{resolve_arch(t.arch)}`",
+        f"- architecture: `{resolve_arch(t.arch)}`"
+        + "".join(f", `{key} = {json.dumps(value)}`" for key, value in t.model.items()),
         f"- optimizer: `{t.optim.name}`, peak lr {t.lr}, schedule `{t.lr_scheduler.name}`",
         f"- {t.max_epochs} epochs at global batch {t.batch_size}, label smoothing {t.label_smoothing}",
         f"- training crops {t.preprocess.train_crop_size} px (random area 10-100%, flips); evaluation: "
-        f"resize to {t.preprocess.val_image_size}, centre crop {t.preprocess.val_crop_size}, "
+        f"shorter side resized to {t.preprocess.val_image_size}, centre crop {t.preprocess.val_crop_size}, "
         f"{t.preprocess.interpolation}",
+        *([f"- BatchNorm statistics recomputed over {last['bn_stats_samples']} training images before the last "
+           "evaluation"] if last.get("bn_stats_samples") else []),
         f"- seed {t.reproduce.seed}",
         "",
         "## Results (last evaluation)",
@@ -133,7 +136,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     config = load_config_text(config_path.read_text(encoding="utf-8"), str(config_path))
     trainer = ckpt.read_trainer_state(checkpoint)
     t = config.train
-    model = build_model(t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.preprocess.val_crop_size)
+    model = build_model(t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.preprocess.val_crop_size,
+                        t.model)
     model.load_state_dict(unwrapped_names(load_file(str(checkpoint / WEIGHTS))))
     class_names = tuple(trainer.class_names or (str(i) for i in range(config.data.num_classes)))
     return write_model_folder(out_dir, model, config, class_names, trainer.metrics,

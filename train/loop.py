@@ -133,13 +133,16 @@ def recompute_batchnorm(run: Run) -> int:
 def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) -> None:
     """Validation metrics for the epoch just trained: in metrics.jsonl, TensorBoard and the log."""
     train, trainer = run.config.train, run.trainer
-    run.weights.before_evaluation(lambda: recompute_batchnorm(run))  # until the next epoch's training
+    last = trainer.epoch == train.max_epochs
+    # The evaluated weights stay in the model until the next epoch's training, or for the export.
+    bn_samples = run.weights.before_evaluation(lambda: recompute_batchnorm(run),
+                                               statistics_asked=last and train.recompute_bn_before_final_eval)
     val = evaluate(run.model, run.loaders.val, run.accelerator, train.label_smoothing, run.config.data.num_classes,
                    train.channels_last)
     steps, epoch_time = epoch_state.batches_done, epoch_state.seconds
     record = {"epoch": trainer.epoch, "step": trainer.step, "train_loss": train_loss, **val,
               "lr": reported_lr(run.optimizer), "epoch_time_s": epoch_time, "train_time_s": trainer.train_time_s,
-              "images_per_s": steps * train.batch_size / epoch_time}
+              "images_per_s": steps * train.batch_size / epoch_time, "bn_stats_samples": bn_samples}
     trainer.metrics.append(record)
     if run.accelerator.is_main_process:
         run.metrics_log.append(record)

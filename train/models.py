@@ -1,15 +1,35 @@
-"""Models come from timm, by name; the seed's short names are aliases of timm names."""
+"""Models come from timm, by name; the seed's short names are aliases of timm names.
+
+``[model]`` in the training file holds further keyword arguments for ``timm.create_model``
+(``zero_init_last = false``, ``drop_rate = 0.5``, ...). They are checked at start-up against
+the model's own arguments, by building the model on the meta device (no memory, no
+initialisation cost), and recorded with the model, so exports rebuild the same network.
+"""
 
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
+import types
+import typing
+from typing import Any, Literal, Union
 
 import timm
 import torch
 
-from .errors import UserError
+from .config import TrainConfig, convert_value
+from .errors import UserError, first_line
 
 ALIASES = {"vit_base_16": "vit_base_patch16_224"}
+
+# timm arguments the trainer sets from other keys, which [model] must leave alone.
+SET_BY_TRAINER = {
+    "num_classes": "set from data.num_classes",
+    "img_size": "set from train.preprocess.val_crop_size",
+    "dynamic_img_size": "set when train.preprocess.train_crop_size differs from val_crop_size",
+    "pretrained": "training starts from random weights",
+}
 
 
 def resolve_arch(name: str) -> str:
@@ -23,26 +43,91 @@ def resolve_arch(name: str) -> str:
     raise UserError(f"train.arch: unknown model {name!r}{hint}")
 
 
-def model_args(arch: str, train_crop_size: int, val_crop_size: int) -> dict:
-    """timm construction arguments besides num_classes (recorded in exported config.json).
+def model_args(arch: str, train_crop_size: int, val_crop_size: int, extra: dict[str, Any] | None = None) -> dict:
+    """timm construction arguments besides num_classes (recorded in exported config.json):
+    the input size where the model needs one, then ``extra`` (the ``[model]`` table).
 
     Models with a fixed input size (ViTs) are built for the validation crop and told to
     accept other sizes when training crops differ from it.
     """
+    args: dict[str, Any] = {}
     pretrained_cfg = timm.models.get_pretrained_cfg(arch)
-    if pretrained_cfg is None or not pretrained_cfg.fixed_input_size:
-        return {}
-    args = {"img_size": val_crop_size}
-    if train_crop_size != val_crop_size:
-        args["dynamic_img_size"] = True
-    return args
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        args["img_size"] = val_crop_size
+        if train_crop_size != val_crop_size:
+            args["dynamic_img_size"] = True
+    return {**args, **(extra or {})}
 
 
-def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size: int) -> torch.nn.Module:
-    """A randomly initialised timm model for ``num_classes`` classes."""
+def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size: int,
+                extra: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A randomly initialised timm model for ``num_classes`` classes; ``extra``: the ``[model]`` table."""
     arch = resolve_arch(arch)
     return timm.create_model(arch, pretrained=False, num_classes=num_classes,
-                             **model_args(arch, train_crop_size, val_crop_size))
+                             **model_args(arch, train_crop_size, val_crop_size, extra))
+
+
+def check_model(train: TrainConfig, num_classes: int, source: str) -> None:
+    """Start-up check of ``train.arch`` and ``[model]``: one line naming the key for an argument the
+    model does not take, a value of the wrong type, or a combination timm refuses."""
+    arch = resolve_arch(train.arch)
+    p = train.preprocess
+    for key in train.model:
+        if key in SET_BY_TRAINER:
+            raise UserError(f"{source}: train.model.{key}: {SET_BY_TRAINER[key]}; remove it from [model]")
+    plain = model_args(arch, p.train_crop_size, p.val_crop_size)
+    model_class = None
+    try:
+        model_class = type(_build_unallocated(arch, num_classes, plain))
+        annotations = _argument_types(model_class)
+        for key, value in train.model.items():
+            if key in annotations:
+                _check_value(annotations[key], value, f"{source}: train.model.{key}")
+        _build_unallocated(arch, num_classes, {**plain, **train.model})
+    except UserError:
+        raise
+    except Exception as exc:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown:
+            key = unknown.group(1)
+            names = _argument_names(model_class) if model_class else []
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(names)}" if names else ""
+            raise UserError(f"{source}: train.model.{key}: {arch} takes no argument {key!r}{hint}") from None
+        raise UserError(f"{source}: train.model: timm cannot build {arch} with {train.model}: "
+                        f"{first_line(exc) or type(exc).__name__}") from None
+
+
+def _build_unallocated(arch: str, num_classes: int, args: dict) -> torch.nn.Module:
+    """The model built on the meta device; on the CPU for a constructor that needs real tensors."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **args)
+    except Exception as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **args)
+
+
+def _argument_names(model_class: type) -> list[str]:
+    return [name for name in inspect.signature(model_class.__init__).parameters if name != "self"]
+
+
+def _argument_types(model_class: type) -> dict[str, Any]:
+    """The annotated types of the model class's arguments ({} where timm's annotations do not resolve)."""
+    try:
+        return typing.get_type_hints(model_class.__init__)
+    except Exception:
+        return {}
+
+
+def _check_value(annotation: Any, value: Any, where: str) -> None:
+    """Values of plain types (bool, int, float, str, a choice of words, optionally None) are checked here;
+    others (classes, tuples, nested settings) are left to timm."""
+    union = typing.get_origin(annotation) in (Union, types.UnionType)
+    members = tuple(m for m in (typing.get_args(annotation) if union else (annotation,)) if m is not type(None))
+    if members and all(m in (bool, int, float, str) or typing.get_origin(m) is Literal for m in members):
+        convert_value(Union[members], value, where)  # noqa: UP007 (a union built from a tuple)
 
 
 def is_convolutional(model: torch.nn.Module) -> bool:

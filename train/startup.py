@@ -227,10 +227,13 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
                             train.reproduce.seed, pin_memory=accelerator.device.type == "cuda",
                             on_main_process=lambda work: on_main_process(accelerator, work), micro_batch=micro_batch)
     if loaders.build_before_training is not None:
-        LOG.info(loaders.build_before_training(reads_training_batches(train.optim)))
+        # The statistics stream serves Schedule-Free's averaged weights and a recomputation asked
+        # for before the final evaluation.
+        reads_stats = reads_training_batches(train.optim) or train.recompute_bn_before_final_eval
+        LOG.info(loaders.build_before_training(reads_stats))
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
-                        train.preprocess.val_crop_size)
+                        train.preprocess.val_crop_size, train.model)
     if train.sync_bn:
         model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
     # "auto" is decided once, here; the loop reads the decision from the run's config.

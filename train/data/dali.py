@@ -39,7 +39,7 @@ from ..config import PreprocessConfig
 from .classes import class_descriptions
 from .folder import DataError, scan_image_folder
 from .shards import is_shard_set, open_shard_set
-from .transforms import CROP_AREA, CROP_ASPECT
+from .transforms import CROP_AREA, CROP_ASPECT, CROP_ATTEMPTS
 from .verify import CHECK_COMMAND, available_cpus, default_cache_file, describe_problems, verify_files
 
 LOG = logging.getLogger("train")
@@ -196,7 +196,7 @@ def define_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipe
         if spec.training:
             images = fn.decoders.image_random_crop(encoded, device=spec.decoder_device, output_type=types.RGB,
                                                    random_area=list(CROP_AREA), random_aspect_ratio=list(CROP_ASPECT),
-                                                   num_attempts=10, **_decoder_options(spec))
+                                                   num_attempts=CROP_ATTEMPTS, **_decoder_options(spec))
             images = fn.resize(images, resize_x=p.train_crop_size, resize_y=p.train_crop_size, interp_type=interp,
                                antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,

@@ -17,9 +17,10 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 # The seed's DALI pipeline: random area 10%-100% of the image, aspect ratio 3/4..4/3 narrowed
-# to 0.8..1.25.
+# to 0.8..1.25, up to 100 draws before falling back to the whole image.
 CROP_AREA = (0.1, 1.0)
 CROP_ASPECT = (0.8, 1.25)
+CROP_ATTEMPTS = 100
 
 # PIL's bilinear filter widens its support when shrinking, which makes it the antialiased
 # triangle filter DALI calls "triangular".
@@ -30,7 +31,7 @@ def random_crop_box(width: int, height: int, rng: random.Random) -> tuple[int, i
     """A (left, top, right, bottom) box of random area and aspect ratio, as RandomResizedCrop."""
     area = width * height
     log_low, log_high = math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1])
-    for _ in range(10):
+    for _ in range(CROP_ATTEMPTS):
         target_area = area * rng.uniform(*CROP_AREA)
         aspect = math.exp(rng.uniform(log_low, log_high))
         w = round(math.sqrt(target_area * aspect))

@@ -60,11 +60,12 @@ class AveragedWeights(TrainedWeights):
 
     reads_training_batches = True
 
-    def before_evaluation(self, recompute_batchnorm: Callable[[], int]) -> None:
+    def before_evaluation(self, recompute_batchnorm: Callable[[], int], statistics_asked: bool) -> int:
         self.optimizer.eval()
-        samples = recompute_batchnorm()
+        samples = recompute_batchnorm()  # asked for or not: the statistics gathered in training describe y
         if samples:
             LOG.info(f"BatchNorm statistics recomputed for the averaged weights over {samples} training samples")
+        return samples
 
     def before_training(self) -> None:
         self.optimizer.train()
