@@ -36,12 +36,13 @@ CONFIG_COPY = "config.toml"
 TMP_PREFIX = ".tmp-"
 
 # Config keys that may change between a run and its resumption: they do not change what a
-# step computes (logging, checkpoint cadence, where the same data lives, worker count) or
-# are the natural thing to extend (max_epochs).
+# step computes (logging, checkpoint cadence, where the same data lives, worker count, where a
+# run without checkpoints starts) or are the natural thing to extend (max_epochs).
 SAFE_TO_CHANGE = {
     "train.max_epochs", "train.eval_freq", "train.log.log_freq", "train.log.checkpoint_freq",
     "train.log.checkpoint_every_steps", "train.log.checkpoint_every_minutes", "train.log.keep_last",
     "train.log.wandb_on", "train.log.project", "data.data_dir", "data.dataloader.num_data_workers",
+    "train.log.wandb_project", "train.log.profile_steps", "train.preprocess.preload_local", "train.checkpoint_dir",
 }
 
 

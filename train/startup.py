@@ -22,6 +22,7 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
+from .data.preload import node_local_copy
 from .models import build_model, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
@@ -146,6 +147,9 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
 
     with accelerator.main_process_first():  # the built-in data set is generated once
         data_dir = resolve_data_dir(config.data.data_dir)
+    if train.preprocess.preload_local:  # one copy per node, made by the node's first process
+        with accelerator.local_main_process_first():
+            data_dir = str(node_local_copy(data_dir, accelerator.is_local_main_process))
     per_process_batch = train.batch_size // accelerator.num_processes
     loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
                             per_process_batch, accelerator.num_processes, accelerator.process_index,
