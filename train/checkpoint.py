@@ -251,15 +251,17 @@ def _refuse_if_different(stored: Path, config: dict, what: str) -> None:
                         "resume with the same config, or give a new --output-dir")
 
 
-def choose_resume_point(run_dir: Path, config: dict, explicit: Path | None) -> Path | None:
+def choose_resume_point(run_dir: Path, config: dict, explicit: Path | None,
+                        named_by: str = "--resume") -> Path | None:
     """The checkpoint to resume from, or None to start afresh. Reads only; decides on refusal.
 
-    ``config`` is the new run's resolved config as nested dicts.
+    ``config`` is the new run's resolved config as nested dicts; ``named_by`` says where the
+    ``explicit`` checkpoint was given, for errors.
     """
     if explicit is not None:
         problem = checkpoint_problem(explicit) if explicit.is_dir() else "not a folder"
         if problem:
-            raise UserError(f"--resume {explicit}: not a usable checkpoint ({problem})")
+            raise UserError(f"{named_by} {explicit}: not a usable checkpoint ({problem})")
         _refuse_if_different(explicit / CONFIG_COPY, config, f"checkpoint {explicit}")
         return explicit
     stored = run_dir / CONFIG_COPY

@@ -23,6 +23,7 @@ from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
 from .data.preload import node_local_copy
+from .initial_weights import load_initial_weights, training_checkpoint
 from .models import build_model, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
@@ -126,6 +127,9 @@ def open_run_dir(config: Config, options: RunOptions, accelerator: Accelerator) 
     setup_logging(None, accelerator.is_main_process)  # the console, until train.log is decided on
     # Every process reads the same files and reaches the same decision (or the same error).
     resume_from = checkpoint.choose_resume_point(run_dir, to_dict(config), options.resume)
+    start = training_checkpoint(config.train.checkpoint_dir)
+    if resume_from is None and start is not None:  # only while the run has no checkpoint of its own
+        resume_from = checkpoint.choose_resume_point(run_dir, to_dict(config), start, "train.checkpoint_dir =")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if resume_from is None:
@@ -157,6 +161,11 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size)
+    if resume_from is None and train.checkpoint_dir:  # a fresh run from given weights (fine-tuning)
+        with accelerator.main_process_first():  # a Hub download happens once
+            loaded = load_initial_weights(model, train.checkpoint_dir,
+                                          f"{train.arch} with {config.data.num_classes} classes")
+        LOG.info(f"initialised the weights from {train.checkpoint_dir} ({loaded} tensors)")
     if train.sync_bn:
         model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
     if train.channels_last:
