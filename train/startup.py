@@ -27,6 +27,7 @@ from .initial_weights import load_initial_weights, training_checkpoint
 from .models import build_model, use_sync_batchnorm
 from .optim import TrainedWeights, TrainStep, build_optimizer, build_schedule, build_train_step, evaluation_weights
 from .preemption import CheckpointPolicy, StopRequests
+from .profiling import StepProfiler
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .tracking import RunTracker
 
@@ -61,6 +62,7 @@ class Run:
     tracker: RunTracker
     stop: StopRequests
     policy: CheckpointPolicy
+    profiler: StepProfiler  # [log] profile_steps; stepped by the loop after each training step
 
 
 def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: bool,
@@ -204,5 +206,7 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
     run = Run(config=config, options=options, accelerator=accelerator, run_dir=run_dir, loaders=loaders, model=model,
               optimizer=optimizer, scheduler=scheduler, train_step=train_step,
               weights=evaluation_weights(train.optim, optimizer), trainer=trainer, metrics_log=metrics_log,
-              tracker=tracker, stop=stop, policy=policy)
+              tracker=tracker, stop=stop, policy=policy,
+              profiler=StepProfiler(train.log.profile_steps, run_dir, accelerator.is_main_process,
+                                    accelerator.device.type == "cuda"))
     return run, epoch_state
