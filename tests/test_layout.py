@@ -17,7 +17,7 @@ PACKAGE = REPO / "train"
 LAYERS = {
     "base": ["errors", "files", "config"],
     "parts": ["data", "optim", "models", "checkpoint", "export", "validation", "tracking", "progress",
-              "preemption", "rundir", "initial_weights", "profiling"],
+              "preemption", "rundir", "initial_weights", "profiling", "wandb_tracking"],
     "startup": ["startup"],
     "loop": ["loop"],
     "entry points": ["cli", "__main__", "evaluate", "hub", "report", "benchmark", "dataset_tools"],

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import data, models, optim
+from . import data, models, optim, wandb_tracking
 from .config import describe_source, load_config
 from .errors import EXIT_USER_ERROR, UserError, first_line
 from .loop import fit
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         models.resolve_arch(config.train.arch)
         optim.check_supported(config.train.optim, describe_source(train_cfg, "train", args.overrides))
         data.check_supported(config.data, describe_source(data_cfg, "data", args.overrides))
+        wandb_tracking.check_supported(config.train.log, describe_source(train_cfg, "train", args.overrides))
     except UserError as exc:
         # Every process validates the same files and fails alike: one report is enough.
         if _is_main_process():

@@ -30,6 +30,7 @@ from .preemption import CheckpointPolicy, StopRequests
 from .profiling import StepProfiler
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .tracking import RunTracker
+from .wandb_tracking import project_name
 
 LOG = logging.getLogger("train")
 
@@ -192,7 +193,8 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
         LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
                  f"step {trainer.step}")
     # Steps after the resume point are logged again; the tracker hides the earlier attempt's.
-    tracker = RunTracker(accelerator, run_dir, to_dict(config), resumed_at_step=trainer.step + epoch_state.batches_done)
+    tracker = RunTracker(accelerator, run_dir, to_dict(config), resumed_at_step=trainer.step + epoch_state.batches_done,
+                         wandb_project=project_name(train.log) if train.log.wandb_on else None)
 
     LOG.info(f"run directory: {run_dir.resolve()}")
     LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
