@@ -18,7 +18,7 @@ import pytest
 from helpers import REPO, clean_env, make_image_folder
 from seed_format import write_seed_shards
 
-from train.config import DataConfig, DataloaderConfig, PreprocessConfig
+from train.config import DataConfig, DataloaderConfig, PreprocessConfig, load_config
 from train.data import build_loaders, seed_shards
 from train.data.folder import DataError, scan_image_folder
 from train.data.shards import is_shard_set, iter_shard_samples, open_shard_set
@@ -82,6 +82,12 @@ def test_the_seeds_shards_are_detected_and_every_sample_keeps_its_binary_label(f
     for split in ("train", "val"):
         stored = [(image, label) for shard in shard_set.split(split) for _, image, label in iter_shard_samples(shard)]
         assert sorted(stored) == sorted(folder_contents(folder, split))  # same bytes, labels from the int64
+
+
+def test_the_data_config_for_the_seeds_shards_is_the_seeds():
+    config = load_config(REPO / "configs/data/imagenet-1k-wds.toml", REPO / "configs/train/resnet50-sgd.toml")
+    assert config.data.data_dir == "./data/imagenet-1k-wds" and config.data.num_classes == 1000
+    assert (config.data.dataloader.name, config.data.dataloader.num_data_workers) == ("dali", 8)
 
 
 def test_a_label_that_is_not_eight_bytes_is_not_taken_for_a_class():

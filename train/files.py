@@ -3,14 +3,23 @@
 Every small state file of the project (metrics, caches, manifests, configs) goes through
 ``write_atomically``: a process killed mid-write leaves the previous version, never a torn one.
 Folders (checkpoints, class folders, model exports) follow the same idea with their own
-staging folders, where they are built.
+staging folders, where they are built. Also: reading such a JSON file back, and a lock file
+for work that concurrent processes must do once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux
+    fcntl = None
 
 
 def write_atomically(path: Path, data: str | bytes, fsync: bool = False) -> Path:
@@ -35,3 +44,24 @@ def write_atomically(path: Path, data: str | bytes, fsync: bool = False) -> Path
 
 def write_json(path: Path, value, fsync: bool = False) -> Path:
     return write_atomically(path, json.dumps(value, indent=1), fsync=fsync)
+
+
+def read_json(path: Path, what: str):
+    """The JSON value in ``path``; when it cannot be read or parsed, a one-line error calling it ``what``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc})") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path):
+    """Held by one process at a time, among all that open ``path`` (on Linux; elsewhere no lock)."""
+    with open(path, "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)

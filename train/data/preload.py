@@ -16,7 +16,6 @@ being changed. When the local disk has too little space, the run stops before co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,13 +29,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import write_json
+from ..files import exclusive_lock, write_json
 from .folder import DataError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Linux
-    fcntl = None
 
 LOG = logging.getLogger("train")
 
@@ -90,19 +84,6 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """One copier per copy, also across jobs that share the node's disk."""
-    with open(path, "a") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
@@ -117,7 +98,7 @@ def make_local_copy(source: Path, root: Path, threads: int = COPY_THREADS) -> Pa
         raise DataError(f"{KEY}: data.data_dir {source} is not a folder to copy")
     copy = local_copy_path(source, root)
     copy.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(copy.with_name(copy.name + ".lock")):
+    with exclusive_lock(copy.with_name(copy.name + ".lock")):  # one copier, also across jobs on the node
         wanted = list_files(source, threads)
         if not wanted:
             raise DataError(f"{KEY}: data.data_dir {source} holds no files")

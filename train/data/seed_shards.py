@@ -13,11 +13,11 @@ module knows only the seed's names, manifests and label encoding.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 
+from ..files import read_json
 from .folder import DataError
 
 LOG = logging.getLogger("train")
@@ -59,10 +59,7 @@ def read_manifest(root: Path, split: str) -> dict | None:
     path = manifest_path(root, split)
     if not path.exists():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the shard manifest ({exc})") from None
+    manifest = read_json(path, "shard manifest")
     if not (isinstance(manifest, dict) and isinstance(manifest.get("num_shards"), int)
             and isinstance(manifest.get("total_samples"), int)):
         raise DataError(f"{path}: expected the seed's manifest with integer 'num_shards' and 'total_samples'")

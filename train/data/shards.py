@@ -16,13 +16,13 @@ and the counts are read from the index files. The seed project's shards
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import read_json
 from . import seed_shards
 from .folder import DataError
 from .verify import CHECK_COMMAND
@@ -84,10 +84,7 @@ def read_manifest(root: Path) -> dict | None:
     path = root / MANIFEST
     if not path.exists():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the shard manifest ({exc})") from None
+    manifest = read_json(path, "shard manifest")
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise DataError(f"{path}: not a manifest of this version ({MANIFEST_VERSION}); "
                         "convert the folder again with python -m train.data.convert")

@@ -27,13 +27,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..files import write_atomically
+from ..files import exclusive_lock, write_atomically
 from .builtin import default_cache_root
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Linux
-    fcntl = None
 
 # Bump when the checks change, so results of older checks are not trusted.
 CACHE_VERSION = 1
@@ -129,14 +124,8 @@ class VerificationCache:
     def locked(self):
         """Held while verifying, so concurrent processes verify each file once between them."""
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file.with_suffix(".lock"), "a") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self.file.with_suffix(".lock")):
+            yield
 
 
 def _clean(reason: str) -> str:
