@@ -8,9 +8,10 @@ against ``cp -r``.
 By default the source is a synthetic folder of ImageNet-sized files (110 kB of random bytes,
 in class folders) on the same disk as the destination, freshly written, so reads come from
 the page cache: that measures the local disk and the per-file overhead, not a shared file
-system; each measurement starts after ``sync``. On a cluster, point ``--source`` at a real data set on the shared file system (and
-``--dest`` at the node's local disk) to measure what matters there: the number of threads
-pays off when each file costs a round trip to a file server.
+system; each measurement starts after ``sync``. On a cluster, point ``--source`` at a real
+data set on the shared file system (and ``--dest`` at the node's local disk) to measure what
+matters there: the number of threads pays off when each file costs a round trip to a file
+server.
 
     .venv/bin/python benchmarks/preload_bench.py [--files 4000] [--source DIR] [--dest DIR]
 """
