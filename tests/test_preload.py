@@ -59,6 +59,7 @@ def test_a_folder_is_copied_whole_and_checked(folder, local, caplog):
 
 def test_a_second_job_on_the_node_reuses_the_copy_and_copies_only_what_is_missing(folder, local, caplog):
     copy = preload.make_local_copy(folder, local)
+    caplog.clear()  # what the first copy logged, if the logger let it through
     with caplog.at_level(logging.INFO, logger="train"):
         assert preload.make_local_copy(folder, local) == copy
     assert copied(caplog) == [] and "nothing to copy" in caplog.text
