@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import batches_around_a_restore, make_image_folder
 from PIL import Image
+from seed_format import write_seed_shards
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
@@ -81,9 +82,15 @@ def colour_shards(colour_folder, tmp_path_factory):
     return dst
 
 
-@pytest.fixture(params=["folder", "shards"])
-def dataset(request, colour_folder, colour_shards):
-    return colour_folder if request.param == "folder" else colour_shards
+@pytest.fixture(scope="module")
+def colour_seed_shards(colour_folder, tmp_path_factory):
+    """The same images in the seed project's own shard format (binary labels, .tar.idx)."""
+    return write_seed_shards(colour_folder, tmp_path_factory.mktemp("colour_seed_shards") / "imagenet-1k-wds")
+
+
+@pytest.fixture(params=["folder", "shards", "seed shards"])
+def dataset(request, colour_folder, colour_shards, colour_seed_shards):
+    return {"folder": colour_folder, "shards": colour_shards, "seed shards": colour_seed_shards}[request.param]
 
 
 TRAIN_LABELS = [0] * 9 + [1] * 8 + [2] * 8  # image n of the train split has this class
@@ -105,7 +112,9 @@ def test_dali_is_supported_and_a_missing_install_is_explained(monkeypatch):
 
 def test_batches_have_the_shapes_types_and_labels_the_loop_expects(dataset):
     built = loaders(dataset)
-    assert built.class_names == ("n00000000", "n00000001", "n00000002")
+    # The seed's shards name no classes: they are numbered.
+    named = dataset.name != "imagenet-1k-wds"
+    assert built.class_names == (("n00000000", "n00000001", "n00000002") if named else ("0", "1", "2"))
     assert (built.num_train, built.num_val, built.steps_per_epoch) == (25, 15, 25 // 4)
     batches = list(built.train)
     assert len(batches) == built.steps_per_epoch

@@ -9,6 +9,7 @@ import pytest
 from helpers import data_toml, make_image_folder, tiny_train_toml, write
 from test_preemption import launch
 
+from train import files
 from train.data import verify
 from train.data.verify import default_cache_file, verify_files
 
@@ -45,7 +46,7 @@ def test_a_file_system_without_locks_verifies_without_one(tmp_path, monkeypatch,
         def flock(file, operation):
             raise OSError(code, "Function not implemented")
 
-    monkeypatch.setattr(verify, "fcntl", NoLocks)
+    monkeypatch.setattr(files, "fcntl", NoLocks)
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=2, val_counts=(1, 1))
     paths = sorted(str(p) for p in root.rglob("*.JPEG"))
     decoded = []
@@ -64,7 +65,7 @@ def test_other_lock_failures_are_not_hidden(tmp_path, monkeypatch):
         def flock(file, operation):
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(verify, "fcntl", Broken)
+    monkeypatch.setattr(files, "fcntl", Broken)
     root = make_image_folder(tmp_path / "d", classes=1, train_per_class=1, val_counts=(1,))
     with pytest.raises(OSError, match="Input/output error"):
         verify_files(sorted(str(p) for p in root.rglob("*.JPEG")), root, default_cache_file(root), 1)

@@ -38,12 +38,13 @@ CONFIG_COPY = "config.toml"
 TMP_PREFIX = ".tmp-"
 
 # Config keys that may change between a run and its resumption: they do not change what a
-# step computes (logging, checkpoint cadence, where the same data lives, worker count) or
-# are the natural thing to extend (max_epochs).
+# step computes (logging, checkpoint cadence, where the same data lives, worker count, where a
+# run without checkpoints starts) or are the natural thing to extend (max_epochs).
 SAFE_TO_CHANGE = {
     "train.max_epochs", "train.eval_freq", "train.log.log_freq", "train.log.checkpoint_freq",
     "train.log.checkpoint_every_steps", "train.log.checkpoint_every_minutes", "train.log.keep_last",
     "train.log.wandb_on", "train.log.project", "data.data_dir", "data.dataloader.num_data_workers",
+    "train.log.wandb_project", "train.log.profile_steps", "train.preprocess.preload_local", "train.checkpoint_dir",
 }
 
 
@@ -346,15 +347,17 @@ def _refuse_if_different(stored: Path, config: dict, what: str) -> None:
                         "resume with the same config, or give a new --output-dir")
 
 
-def choose_resume_point(run_dir: Path, config: dict, explicit: Path | None) -> Path | None:
+def choose_resume_point(run_dir: Path, config: dict, explicit: Path | None,
+                        named_by: str = "--resume") -> Path | None:
     """The checkpoint to resume from, or None to start afresh. Reads only; decides on refusal.
 
-    ``config`` is the new run's resolved config as nested dicts.
+    ``config`` is the new run's resolved config as nested dicts; ``named_by`` says where the
+    ``explicit`` checkpoint was given, for errors.
     """
     if explicit is not None:
         problem = checkpoint_problem(explicit) if explicit.is_dir() else "not a folder"
         if problem:
-            raise UserError(f"--resume {explicit}: not a usable checkpoint ({problem})")
+            raise UserError(f"{named_by} {explicit}: not a usable checkpoint ({problem})")
         _refuse_if_different(explicit / CONFIG_COPY, config, f"checkpoint {explicit}")
         return explicit
     stored = run_dir / CONFIG_COPY

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import data, models, optim
+from . import data, models, optim, wandb_tracking
 from .config import Config, describe_source, load_config
 from .errors import EXIT_IO_ERROR, EXIT_USER_ERROR, SharedUserError, StorageError, UserError, first_line
 from .loop import fit
@@ -51,6 +51,7 @@ def load_checked_config(data_cfg: Path, train_cfg: Path, overrides: list[str], n
     models.check_model(config.train, config.data.num_classes, describe_source(train_cfg, "train", overrides))
     optim.check_supported(config.train.optim, describe_source(train_cfg, "train", overrides))
     data.check_supported(config.data, describe_source(data_cfg, "data", overrides))
+    wandb_tracking.check_supported(config.train.log, describe_source(train_cfg, "train", overrides))
     return config
 
 

@@ -60,7 +60,8 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    # The seed's option to copy the data set to node-local disk first; not supported here.
+    # Train from a copy of data_dir on the node's local disk ($TMPDIR), one per node, made at
+    # start-up and reused by later jobs on the node (data/preload.py).
     preload_local: bool = False
     # "triangular" is DALI's antialiased linear filter; the HF loader uses PIL's bilinear,
     # which is the same triangle filter when downscaling.
@@ -167,9 +168,12 @@ class LogConfig:
     checkpoint_every_steps: int = _bounds(0, ge=0)  # also every N optimizer steps (0: off)
     checkpoint_every_minutes: float = _bounds(0.0, ge=0)  # also every N minutes of wall time (0: off)
     keep_last: int = _bounds(2, gt=0)  # newest checkpoints kept, besides the best by val top-1
-    # The seed's Weights & Biases switch; this project logs to TensorBoard instead.
+    # Also log to Weights & Biases (pip install '.[wandb]'): the same scalars and config as
+    # TensorBoard, into the W&B project `wandb_project`, or `project` when that is empty.
     wandb_on: bool = False
     project: str = "imagenet-baselines"
+    wandb_project: str = ""  # the seed's other name for `project`
+    profile_steps: int = _bounds(0, ge=0)  # torch.profiler trace of this many steps, early in the run (0: off)
 
 
 @dataclass
@@ -184,7 +188,9 @@ class TrainConfig:
     lr: float = _bounds(1e-3, gt=0)
     label_smoothing: float = _bounds(0.1, ge=0, lt=1)
     grad_clip_norm: float = _bounds(0.0, ge=0)  # 0 disables clipping
-    # The seed's key for a checkpoint to start from; accepted only empty (see --resume).
+    # Where to start from: a training checkpoint (RUN/checkpoints/<step>, resumed as --resume
+    # does while the run directory has none of its own), or weights for a fresh run (a model
+    # folder, a .safetensors file, or hf-hub:<repo id>). Empty: from scratch.
     checkpoint_dir: str = ""
     arch: str = "resnet50"
     use_amp: bool = True  # false forces fp32 whatever the launcher asks for
@@ -484,15 +490,9 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if schedule_free and not isinstance(t.lr_scheduler, ConstantScheduleConfig):
         raise ConfigError(f"{source}: train.optim.name = {t.optim.name!r} needs train.lr_scheduler.name = "
                           f"'constant' (Schedule-Free replaces the schedule), got {t.lr_scheduler.name!r}")
-    if t.preprocess.preload_local:
-        raise ConfigError(f"{source}: train.preprocess.preload_local = true is not supported; "
-                          "copy the data set to local disk and point data.data_dir at it")
-    if t.log.wandb_on:
-        raise ConfigError(f"{source}: train.log.wandb_on = true is not supported; metrics go to "
-                          "TensorBoard and metrics.jsonl in the run directory")
-    if t.checkpoint_dir:
-        raise ConfigError(f"{source}: train.checkpoint_dir is not supported; to resume, run the same command "
-                          "again (same --output-dir) or pass --resume RUN/checkpoints/<step>")
+    if t.preprocess.preload_local and config.data.data_dir.startswith("hf-hub:"):
+        raise ConfigError(f"{source}: train.preprocess.preload_local = true copies a folder, but data.data_dir = "
+                          f"{config.data.data_dir!r} is a Hub data set (HF_HOME moves its cache to a local disk)")
 
 
 def divisors(n: int) -> list[int]:

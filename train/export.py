@@ -65,7 +65,8 @@ def model_card(config: Config, metrics: list[dict], command: str, described: boo
     lines = [
         f"# {t.arch} trained with {t.optim.name}",
         "",
-        f"Image classifier trained from scratch on `{config.data.data_dir}` ({config.data.num_classes} classes).",
+        f"Image classifier trained {f'starting from `{t.checkpoint_dir}`' if t.checkpoint_dir else 'from scratch'} "
+        f"on `{config.data.data_dir}` ({config.data.num_classes} classes).",
         "",
         "## Recipe",
         "",

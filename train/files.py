@@ -3,16 +3,28 @@
 Every small state file of the project (metrics, caches, manifests, configs) goes through
 ``write_atomically``: a process killed mid-write leaves the previous version, never a torn one.
 Folders (checkpoints, class folders, model exports) follow the same idea with their own
-staging folders, where they are built. The helpers at the end describe where files go, for
-messages about a full disk.
+staging folders, where they are built. Also: reading such a JSON file back, a lock file for
+work that concurrent processes must do once, and where files go (for messages about a full disk).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
+
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux
+    fcntl = None
+
+LOG = logging.getLogger("train")
 
 
 def write_atomically(path: Path, data: str | bytes, fsync: bool = False) -> Path:
@@ -66,3 +78,43 @@ def free_bytes(path: Path) -> int:
 
 def tree_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def read_json(path: Path, what: str):
+    """The JSON value in ``path``; when it cannot be read or parsed, a one-line error calling it ``what``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc})") from None
+
+
+# What flock raises on a file system that cannot lock (some Lustre and NFS mounts).
+LOCKS_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK})
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, without_lock: str):
+    """Held by one process at a time, among all that open ``path``. Where the file system cannot
+    lock, a warning saying ``without_lock`` (what may then happen twice), and no lock; off Linux, no lock."""
+    with open(path, "a") as lock:
+        held = _lock(lock, path, without_lock)
+        try:
+            yield
+        finally:
+            if held:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lock(lock, path: Path, without_lock: str) -> bool:
+    """Take ``lock`` (blocking); False where it cannot be taken, after saying so."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in LOCKS_UNSUPPORTED:
+            raise
+        LOG.warning(f"warning: the file system of {path.parent} does not support file locks ({exc.strerror}); "
+                    f"going on without one ({without_lock})")
+        return False
+    return True

@@ -59,6 +59,7 @@ def fit(config: Config, options: RunOptions) -> dict:
             epoch_state = EpochState()
     finally:
         run.stop.uninstall()
+        run.profiler.close()
     return finish(run)
 
 
@@ -86,6 +87,7 @@ def train_one_epoch(run: Run, state: EpochState) -> bool:
             loss, updated = run.train_step.on_micro_batches(micro_batches)
             if updated:  # an fp16 overflow skips the step: keep the lr schedule in step with updates
                 run.scheduler.step()
+            run.profiler.step()
 
             loss_sum += loss.detach()
             state.batches_done += 1

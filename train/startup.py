@@ -27,7 +27,9 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
+from .data.preload import node_local_copy
 from .errors import SharedUserError, StorageError, UserError, first_line
+from .initial_weights import load_initial_weights, training_checkpoint
 from .micro_batch import choose_micro_batch
 from .models import build_model, choose_channels_last, use_sync_batchnorm
 from .optim import (
@@ -40,8 +42,10 @@ from .optim import (
     reads_training_batches,
 )
 from .preemption import CheckpointPolicy, StopRequests
+from .profiling import StepProfiler
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
 from .tracking import RunTracker
+from .wandb_tracking import project_name
 
 LOG = logging.getLogger("train")
 # How often processes waiting for the main process's one-off work ask whether it is done.
@@ -76,6 +80,7 @@ class Run:
     tracker: RunTracker
     stop: StopRequests
     policy: CheckpointPolicy
+    profiler: StepProfiler  # [log] profile_steps; stepped by the loop after each training step
 
 
 def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: bool,
@@ -199,6 +204,9 @@ def open_run_dir(config: Config, options: RunOptions, accelerator: Accelerator) 
     setup_logging(None, accelerator.is_main_process)  # the console, until train.log is decided on
     # Every process reads the same files and reaches the same decision (or the same error).
     resume_from = checkpoint.choose_resume_point(run_dir, to_dict(config), options.resume)
+    start = training_checkpoint(config.train.checkpoint_dir)
+    if resume_from is None and start is not None:  # only while the run has no checkpoint of its own
+        resume_from = checkpoint.choose_resume_point(run_dir, to_dict(config), start, "train.checkpoint_dir =")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if resume_from is None:
@@ -220,6 +228,9 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
 
     with accelerator.main_process_first():  # the built-in data set is generated once
         data_dir = resolve_data_dir(config.data.data_dir)
+    if train.preprocess.preload_local:  # one copy per node, made by the node's first process
+        with accelerator.local_main_process_first():
+            data_dir = str(node_local_copy(data_dir, accelerator.is_local_main_process))
     per_process_batch = train.batch_size // accelerator.num_processes
     micro_batch = choose_micro_batch(train, config.data.num_classes, accelerator)  # "auto": tried on the GPU
     loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
@@ -234,6 +245,11 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
 
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size, train.model)
+    if resume_from is None and train.checkpoint_dir:  # a fresh run from given weights (fine-tuning)
+        with accelerator.main_process_first():  # a Hub download happens once
+            loaded = load_initial_weights(model, train.checkpoint_dir,
+                                          f"{train.arch} with {config.data.num_classes} classes")
+        LOG.info(f"initialised the weights from {train.checkpoint_dir} ({loaded} tensors)")
     if train.sync_bn:
         model = use_sync_batchnorm(model, accelerator.num_processes, accelerator.device.type)
     # "auto" is decided once, here; the loop reads the decision from the run's config.
@@ -262,7 +278,8 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
         LOG.info(f"resumed from {resume_from}: epoch {trainer.epoch + 1}, batch {epoch_state.batches_done}, "
                  f"step {trainer.step + epoch_state.batches_done}")  # the checkpoint's step, as it is named
     # Steps after the resume point are logged again; the tracker hides the earlier attempt's.
-    tracker = RunTracker(accelerator, run_dir, to_dict(config), resumed_at_step=trainer.step + epoch_state.batches_done)
+    tracker = RunTracker(accelerator, run_dir, to_dict(config), resumed_at_step=trainer.step + epoch_state.batches_done,
+                         wandb_project=project_name(train.log) if train.log.wandb_on else None)
 
     LOG.info(f"run directory: {run_dir.resolve()}")
     LOG.info(f"{train.arch} on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
@@ -279,5 +296,7 @@ def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
     run = Run(config=config, options=options, accelerator=accelerator, run_dir=run_dir, loaders=loaders, model=model,
               optimizer=optimizer, scheduler=scheduler, train_step=train_step,
               weights=evaluation_weights(train.optim, optimizer), trainer=trainer, metrics_log=metrics_log,
-              tracker=tracker, stop=stop, policy=policy)
+              tracker=tracker, stop=stop, policy=policy,
+              profiler=StepProfiler(train.log.profile_steps, run_dir, accelerator.is_main_process,
+                                    accelerator.device.type == "cuda"))
     return run, epoch_state

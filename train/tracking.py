@@ -18,6 +18,7 @@ warning when a process is above 90% of its device's memory (see ``memory_in_use`
 
 Only the main process writes (Accelerate's trackers act on the main process alone). Values
 are read back from the device only at log steps, where the loop already waits for the loss.
+With ``[log] wandb_on`` the same values also go to Weights & Biases (``wandb_tracking.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import flatten
+from .wandb_tracking import ResumingWandBTracker
 
 LOG = logging.getLogger("train")
 
@@ -115,8 +117,11 @@ class RunTracker:
     each other (the main process's timestamp), that is after the Accelerator exists.
     """
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, config_table: dict, resumed_at_step: int = 0):
+    def __init__(self, accelerator: Accelerator, run_dir: Path, config_table: dict, resumed_at_step: int = 0,
+                 wandb_project: str | None = None):
         self.accelerator = accelerator
+        if wandb_project is not None:  # W&B too: a tracker object of ours, which init_trackers starts
+            accelerator.log_with.append(ResumingWandBTracker(run_dir, wandb_project))
         accelerator.project_configuration.logging_dir = str(run_dir)
         self.log_dir = run_dir / TRACKER_FOLDER
         # A resumed run repeats the steps after its checkpoint, and a run started afresh all of

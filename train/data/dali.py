@@ -38,7 +38,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..config import PreprocessConfig
 from .classes import class_descriptions
 from .folder import DataError, scan_image_folder
-from .shards import is_shard_set, open_shard_set
+from .shards import ASCII_LABELS, is_shard_set, open_shard_set
 from .transforms import CROP_AREA, CROP_ASPECT, CROP_ATTEMPTS
 from .verify import CHECK_COMMAND, available_cpus, default_cache_file, describe_problems, verify_files
 
@@ -83,6 +83,7 @@ class ShardSource:
     tars: tuple[str, ...]
     indices: tuple[str, ...]
     num_samples: int
+    label_encoding: str = ASCII_LABELS  # ASCII digits, or the seed's binary int64
 
     def __len__(self) -> int:
         return self.num_samples
@@ -101,7 +102,8 @@ def open_sources(root: Path, num_classes: int, on_main_process: Callable[[Callab
     if is_shard_set(root):
         shard_set = open_shard_set(root, num_classes)
         train, val = (ShardSource(root, tuple(str(s.tar) for s in shard_set.split(split)),
-                                  tuple(str(s.index) for s in shard_set.split(split)), shard_set.num_samples(split))
+                                  tuple(str(s.index) for s in shard_set.split(split)), shard_set.num_samples(split),
+                                  shard_set.label_encoding)
                       for split in ("train", "val"))
         return train, val, shard_set.class_names, shard_set.class_descriptions
     train_split, val_split = scan_image_folder(root, num_classes)
@@ -134,9 +136,11 @@ def _read(source, training: bool, shard_id: int, num_shards: int, seed: int):
         return fn.readers.file(files=list(source.files), labels=list(source.labels), **shuffling, **sharding)
     # Shards are read sequentially: the archive order is reshuffled each epoch and a buffer
     # mixes samples; the converter stored the samples in random order to begin with.
+    # Binary labels (the seed's int64) come out as numbers; ASCII ones as bytes, parsed below.
+    binary = {} if source.label_encoding == ASCII_LABELS else dict(dtypes=[types.UINT8, types.INT64])
     return fn.readers.webdataset(paths=list(source.tars), index_paths=list(source.indices), ext=["jpg", "cls"],
                                  missing_component_behavior="error", random_shuffle=training,
-                                 initial_fill=SHUFFLE_BUFFER, **shuffling, **sharding)
+                                 initial_fill=SHUFFLE_BUFFER, **binary, **shuffling, **sharding)
 
 
 # ------------------------------------------------------------------------ pipelines
@@ -273,7 +277,8 @@ def _images_to_torch(images, pin_memory: bool) -> torch.Tensor:
     return torch.from_dlpack(tensor)
 
 
-def _folder_labels(labels, root: Path) -> torch.Tensor:
+def _numeric_labels(labels, root: Path) -> torch.Tensor:
+    """Class indices that DALI read as numbers (a folder's file list, the seed's int64 `.cls`)."""
     return torch.from_numpy(np.array(labels.as_tensor())).view(-1).long()
 
 
@@ -295,7 +300,8 @@ class _Runner:
     def __init__(self, spec: PipelineSpec, pin_memory: bool):
         self.spec = spec
         self.pin_memory = pin_memory
-        self.labels_to_torch = _folder_labels if isinstance(spec.source, FolderSource) else _shard_labels
+        ascii_labels = isinstance(spec.source, ShardSource) and spec.source.label_encoding == ASCII_LABELS
+        self.labels_to_torch = _shard_labels if ascii_labels else _numeric_labels
         self.pipe: Pipeline | None = None
         self.checkpoint: bytes | None = None  # restore from this at the next build
         self.batches_per_epoch = 0

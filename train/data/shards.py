@@ -10,18 +10,20 @@ names when the folder had a class table (``class_descriptions``, absent otherwis
 sample count of every shard.
 
 Shards made by other tools work too: without a manifest the classes are named "0", "1", ...
-and the counts are read from the index files.
+and the counts are read from the index files. The seed project's shards
+(``train-shard-NNNNNN.tar``, binary labels; ``seed_shards.py``) are read as they are.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import read_json
+from . import seed_shards
 from .folder import DataError
 from .verify import CHECK_COMMAND
 
@@ -31,6 +33,7 @@ SPLITS = ("train", "val")
 INDEX_VERSION = "v1.2"  # the index format of DALI's wds2idx
 TAR_BLOCK = 512
 TAIL_BYTES = 65536  # enough for the last line of an index
+ASCII_LABELS = "ascii"  # how a ``.cls`` component holds the class index (the seed's: seed_shards.LABEL_ENCODING)
 _SHARD_NAME = re.compile(r"^(train|val)-(\d+)\.tar$")
 
 
@@ -43,8 +46,10 @@ def index_path(tar_path: Path) -> Path:
 
 
 def is_shard_set(root: Path) -> bool:
-    """True when ``root`` holds ``train-*.tar`` shards (rather than an ImageNet-layout folder)."""
-    return root.is_dir() and any(_SHARD_NAME.match(p.name) for p in root.glob("train-*.tar"))
+    """True when ``root`` holds ``train-*.tar`` shards, the converter's or the seed's (rather
+    than an ImageNet-layout folder)."""
+    return (root.is_dir() and any(_SHARD_NAME.match(p.name) for p in root.glob("train-*.tar"))) \
+        or seed_shards.is_seed_shard_set(root)
 
 
 # ------------------------------------------------------------------------- reading
@@ -55,6 +60,7 @@ class Shard:
     tar: Path
     index: Path
     samples: int
+    label_encoding: str = ASCII_LABELS
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class ShardSet:
     val: tuple[Shard, ...]
     # Readable name per class (from the source folder's class table); () when unknown.
     class_descriptions: tuple[str, ...] = ()
+    label_encoding: str = ASCII_LABELS
 
     def split(self, name: str) -> tuple[Shard, ...]:
         return self.train if name == "train" else self.val
@@ -77,10 +84,7 @@ def read_manifest(root: Path) -> dict | None:
     path = root / MANIFEST
     if not path.exists():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the shard manifest ({exc})") from None
+    manifest = read_json(path, "shard manifest")
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise DataError(f"{path}: not a manifest of this version ({MANIFEST_VERSION}); "
                         "convert the folder again with python -m train.data.convert")
@@ -110,7 +114,7 @@ def _components(line: str) -> list[tuple[int, int]]:
     return [(int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)]
 
 
-def check_index(tar: Path, index: Path, expected_samples: int | None = None) -> int:
+def check_index(tar: Path, index: Path, expected_samples: int | None = None, remedy: str = "") -> int:
     """Confirm that ``index`` exists and describes ``tar`` as it is now; returns the sample count.
 
     A stale index (the archive was rewritten after it) makes DALI read garbage at wrong
@@ -120,8 +124,8 @@ def check_index(tar: Path, index: Path, expected_samples: int | None = None) -> 
     """
     hint = f"run {CHECK_COMMAND} {tar.parent}"
     if not index.exists():
-        raise DataError(f"{index} is missing: shard {tar.name} has no DALI index file; "
-                        f"convert again (python -m train.data.convert resumes) or {hint}")
+        remedy = remedy or "convert again (python -m train.data.convert resumes)"
+        raise DataError(f"{index} is missing: shard {tar.name} has no DALI index file; {remedy} or {hint}")
     count, lines = _index_entries(index)
     if expected_samples is not None and count != expected_samples:
         raise DataError(f"{index} is stale: it lists {count} samples but the manifest says {expected_samples}; {hint}")
@@ -153,6 +157,8 @@ def _header_size_is(header: bytes, size: int) -> bool:
 def open_shard_set(root: str | Path, num_classes: int) -> ShardSet:
     """The shards of ``root``, every index checked against its archive."""
     root = Path(root)
+    if seed_shards.is_seed_shard_set(root):
+        return open_seed_shard_set(root, num_classes)
     manifest = read_manifest(root)
     descriptions: tuple[str, ...] = ()
     if manifest is not None:
@@ -181,6 +187,25 @@ def open_shard_set(root: str | Path, num_classes: int) -> ShardSet:
             shards.append(Shard(tar, index_path(tar), count))
         splits[split] = tuple(shards)
     return ShardSet(root, class_names, splits["train"], splits["val"], descriptions)
+
+
+def open_seed_shard_set(root: Path, num_classes: int) -> ShardSet:
+    """The seed's shards of ``root``: every index checked, the counts against its manifests."""
+    splits = {}
+    for split in SPLITS:
+        tars = seed_shards.split_tars(root, split)
+        if not tars:
+            raise DataError(f"data.data_dir: {root} has no {split}-shard-*.tar shards")
+        shards = tuple(Shard(tar, seed_shards.index_path(tar),
+                             check_index(tar, seed_shards.index_path(tar), remedy=seed_shards.index_remedy(tar)),
+                             seed_shards.LABEL_ENCODING) for tar in tars)
+        problem = seed_shards.manifest_problem(root, split, len(tars), sum(s.samples for s in shards))
+        if problem:
+            raise DataError(f"data.data_dir: {problem}")
+        splits[split] = shards
+    # The seed's shards name no classes: they are numbered, as many as data.num_classes says.
+    return ShardSet(root, tuple(str(i) for i in range(num_classes)), splits["train"], splits["val"],
+                    label_encoding=seed_shards.LABEL_ENCODING)
 
 
 def _manifest_descriptions(manifest: dict, root: Path) -> tuple[str, ...]:
@@ -219,9 +244,11 @@ def iter_shard_samples(shard: Shard):
 
 def _sample(shard: Shard, key: str, parts: dict[str, bytes]) -> tuple[str, bytes | None, int | None]:
     label = parts.get("cls")
-    return f"{shard.tar}:{key}", parts.get("jpg"), None if label is None else _parse_label(label)
+    return f"{shard.tar}:{key}", parts.get("jpg"), None if label is None else _parse_label(label, shard.label_encoding)
 
 
-def _parse_label(raw: bytes) -> int | None:
+def _parse_label(raw: bytes, encoding: str = ASCII_LABELS) -> int | None:
+    if encoding == seed_shards.LABEL_ENCODING:
+        return seed_shards.decode_label(raw)
     text = raw.decode("ascii", errors="replace").strip()
     return int(text) if text.isdigit() else None

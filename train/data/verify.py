@@ -15,7 +15,6 @@ runs on the same data from doing the work twice, where the file system can lock.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import logging
@@ -30,13 +29,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ..files import write_atomically
+from ..files import exclusive_lock, write_atomically
 from .builtin import default_cache_root
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Linux
-    fcntl = None
 
 # Bump when the checks change, so results of older checks are not trusted.
 CACHE_VERSION = 1
@@ -52,7 +46,6 @@ SAVE_EVERY_BLOCKS = 64  # the cache is rewritten every 65,536 files during a fir
 STAT_THREADS = 32
 STAT_BLOCK = 4096
 # What flock raises where the file system does not lock (Lustre mounted without -o flock, some NFS).
-LOCKS_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK})
 
 
 @dataclass(frozen=True)
@@ -145,28 +138,9 @@ class VerificationCache:
     def locked(self):
         """Held while verifying, so concurrent processes verify each file once between them."""
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file.with_suffix(".lock"), "a") as lock:
-            held = _lock(lock, self.file.parent)
-            try:
-                yield
-            finally:
-                if held:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _lock(lock, folder: Path) -> bool:
-    """Take ``lock`` (blocking); False where the file system cannot lock, after saying so."""
-    if fcntl is None:
-        return False
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    except OSError as exc:
-        if exc.errno not in LOCKS_UNSUPPORTED:
-            raise
-        LOG.warning(f"warning: the file system of {folder} does not support file locks ({exc.strerror}); "
-                    "verifying without one (two jobs starting on the same data at once may both verify it)")
-        return False
-    return True
+        with exclusive_lock(self.file.with_suffix(".lock"),
+                            without_lock="two jobs starting on the same data at once may both verify it"):
+            yield
 
 
 def _clean(reason: str) -> str:

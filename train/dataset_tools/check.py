@@ -1,12 +1,12 @@
 """Check a data set before training on it.
 
-    python -m train.data.check PATH [--workers N] [--no-cache]
+    python -m train.data.check PATH [--workers N] [--no-cache] [--num-classes N]
 
 PATH is an ImageNet-layout folder (``train/<class>/*``, ``val/<class>/*``) or a folder of
-WebDataset shards. Every image is decoded; the command lists each one that cannot be
-(truncated, empty, not an image, a format DALI does not read) with its path, shard index
-files that are missing or stale, and the number of images per class. It exits with status 1
-when it found a problem, 0 otherwise.
+WebDataset shards (the converter's, or the seed project's ``train-shard-*.tar``). Every
+image is decoded; the command lists each one that cannot be (truncated, empty, not an image,
+a format DALI does not read) with its path, shard index files that are missing or stale, and
+the number of images per class. It exits with status 1 when it found a problem, 0 otherwise.
 
 For a folder, the results go into the same cache the DALI loader consults, so a training
 run started afterwards does not decode the images again.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..data import seed_shards
 from ..data.folder import IMAGE_EXTENSIONS, DataError, scan_split
 from ..data.shards import (
     MANIFEST,
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=available_cpus(), help="parallel decoding threads")
     parser.add_argument("--no-cache", action="store_true",
                         help="decode every file again, ignoring results cached by earlier checks")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="the seed's shards, which name no classes: labels outside 0..N-1 are problems "
+                             "(default: as many classes as the labels found)")
     return parser.parse_args(argv)
 
 
@@ -108,7 +112,7 @@ def check_folder(root: Path, workers: int, use_cache: bool) -> Report:
     return report
 
 
-def _check_shard(shard: Shard, num_classes: int) -> tuple[Counter, list[Problem]]:
+def _check_shard(shard: Shard, num_classes: int | None) -> tuple[Counter, list[Problem]]:
     counts: Counter = Counter()
     problems: list[Problem] = []
     for name, image, label in iter_shard_samples(shard):
@@ -118,8 +122,9 @@ def _check_shard(shard: Shard, num_classes: int) -> tuple[Counter, list[Problem]
             problem = image_problem(image)
             if problem:
                 problems.append(Problem(name, problem))
-        if label is None or not 0 <= label < num_classes:
-            problems.append(Problem(name, f"missing or invalid .cls (class index 0..{num_classes - 1} expected)"))
+        if label is None or label < 0 or (num_classes is not None and label >= num_classes):
+            expected = f"0..{num_classes - 1}" if num_classes is not None else "from 0"
+            problems.append(Problem(name, f"missing or invalid .cls (class index {expected} expected)"))
         else:
             counts[label] += 1
     return counts, problems
@@ -147,17 +152,50 @@ def check_shards(root: Path, workers: int) -> Report:
                 report.shard_problems.append(re.split(r";? (?:or )?run python -m train.data.check", str(exc))[0])
                 continue
             shards[split].append(Shard(tar, index_path(tar), count))
+    _decode_shards(report, shards, workers, len(report.class_names))
+    return report
+
+
+def check_seed_shards(root: Path, workers: int, num_classes: int | None) -> Report:
+    """The seed project's shards: index files, manifests, binary labels. They name no classes,
+    so the report numbers them (``num_classes`` of them, or as many as the labels found)."""
+    report = Report(())
+    shards: dict[str, list[Shard]] = {split: [] for split in SPLITS}
+    for split in SPLITS:
+        tars = seed_shards.split_tars(root, split)
+        if not tars:
+            report.shard_problems.append(f"{root} has no {split}-shard-*.tar shards")
+        for tar in tars:
+            index = seed_shards.index_path(tar)
+            try:
+                count = check_index(tar, index, remedy=seed_shards.index_remedy(tar))
+            except DataError as exc:
+                report.shard_problems.append(re.split(r";? (?:or )?run python -m train.data.check", str(exc))[0])
+                continue
+            shards[split].append(Shard(tar, index, count, seed_shards.LABEL_ENCODING))
+        if len(shards[split]) == len(tars):
+            problem = seed_shards.manifest_problem(root, split, len(tars), sum(s.samples for s in shards[split]))
+            if problem:
+                report.shard_problems.append(problem)
+    _decode_shards(report, shards, workers, num_classes)
+    seen = max((label for split in SPLITS for label in report.counts[split]), default=-1) + 1
+    report.class_names = tuple(str(i) for i in range(num_classes if num_classes is not None else seen))
+    report.notes.append("the seed's shards name no classes: they are numbered by class index")
+    return report
+
+
+def _decode_shards(report: Report, shards: dict[str, list[Shard]], workers: int, num_classes: int | None) -> None:
+    """Decode every sample of ``shards`` in parallel; counts and problems go into ``report``."""
     jobs = [(split, shard) for split in SPLITS for shard in shards[split]]
     bar = tqdm(total=sum(shard.samples for _, shard in jobs), desc="checking shards", unit="img",
                dynamic_ncols=True, disable=not sys.stderr.isatty())
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(lambda job: _check_shard(job[1], len(report.class_names)), jobs)
+        results = pool.map(lambda job: _check_shard(job[1], num_classes), jobs)
         for (split, shard), (counts, problems) in zip(jobs, results):
             report.counts[split].update(counts)
             report.problems += problems
             bar.update(shard.samples)
     bar.close()
-    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.path.is_dir():
             raise UserError(f"{args.path}: no such folder")
-        if is_shard_set(args.path):
+        if seed_shards.is_seed_shard_set(args.path):
+            report = check_seed_shards(args.path, args.workers, args.num_classes)
+        elif is_shard_set(args.path):
             report = check_shards(args.path, args.workers)
         else:
             report = check_folder(args.path, args.workers, use_cache=not args.no_cache)
