@@ -34,31 +34,30 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_run(tiny_folder, tmp_path_factory) -> Path:
-    """A finished tiny run on the HF loader (4 epochs of 3 steps, checkpoints every 4 steps), shared
+    """A finished tiny run on the HF loader (4 epochs of 3 steps, checkpoints every 2 steps), shared
     by the checkpoint and export tests."""
     tmp = tmp_path_factory.mktemp("reference")
     return launched_run(checkpointing_configs(tmp, tiny_folder), tmp / "out").dir
 
 
-def two_process_configs(tmp: Path, folder: Path, loader: str) -> list[str]:
-    """2 epochs of 3 steps (lr 0.02), checkpoints every 2 steps; one loader worker per process."""
-    return run_configs(tmp, folder, tiny_train_toml(max_epochs=2, lr=0.02), loader, workers=1)
+def two_process_reference(tmp_path_factory, folder: Path, loader: str) -> LaunchedRun:
+    """A tiny run on 2 processes through `accelerate launch`: 2 epochs of 3 steps (lr 0.02),
+    checkpoints every 2 steps, one loader worker per process."""
+    tmp = tmp_path_factory.mktemp(f"two_processes_{loader}")
+    args = run_configs(tmp, folder, tiny_train_toml(max_epochs=2, lr=0.02), loader, workers=1)
+    return launched_run(args, tmp / "out", accelerate_launch(2, port=free_port()), XDG_CACHE_HOME=str(tmp / "cache"))
 
 
 @pytest.fixture(scope="session")
 def two_process_run(tiny_folder, tmp_path_factory) -> LaunchedRun:
-    """A tiny run on 2 processes through `accelerate launch`, HF loader."""
-    tmp = tmp_path_factory.mktemp("two_processes")
-    return launched_run(two_process_configs(tmp, tiny_folder, "hf"), tmp / "out",
-                        accelerate_launch(2, port=free_port()))
+    """HF loader."""
+    return two_process_reference(tmp_path_factory, tiny_folder, "hf")
 
 
 @pytest.fixture(scope="session")
 def two_process_dali_run(tiny_folder, tmp_path_factory) -> LaunchedRun:
-    """The same with the DALI loader reading the folder."""
-    tmp = tmp_path_factory.mktemp("two_processes_dali")
-    return launched_run(two_process_configs(tmp, tiny_folder, "dali"), tmp / "out",
-                        accelerate_launch(2, port=free_port()), XDG_CACHE_HOME=str(tmp / "cache"))
+    """DALI loader reading the folder."""
+    return two_process_reference(tmp_path_factory, tiny_folder, "dali")
 
 
 @pytest.fixture(scope="session")

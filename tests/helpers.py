@@ -23,6 +23,7 @@ from train.config import DataConfig, DataloaderConfig
 from train.data import build_loaders
 from train.data.builtin import render_image
 from train.evaluate import load_model, preprocess_of
+from train.rundir import read_metrics
 from train.startup import Run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,13 +135,12 @@ def run_configs(tmp_path: Path, folder: Path, train_toml: str, loader: str = "hf
     return ["--data-cfg", str(data), "--train-cfg", str(train)]
 
 
-def checkpointing_configs(tmp_path: Path, folder: Path, loader: str = "hf", workers: int = 0,
+def checkpointing_configs(tmp_path: Path, folder: Path, loader: str = "hf", workers: int = 0, every_steps: int = 2,
                           **train_overrides) -> list[str]:
-    """A tiny run of 4 epochs (12 steps) that checkpoints every 4 steps: killed as soon as
-    checkpoint 4 is complete, it can only have left mid-epoch ones (4, or 8 inside epoch 3)."""
+    """A tiny run of 4 epochs (12 steps) that checkpoints every ``every_steps`` steps."""
     values = {"max_epochs": 4, "lr": 0.02}
     values.update(train_overrides)
-    return run_configs(tmp_path, folder, tiny_train_toml(**values), loader, workers, every_steps=4)
+    return run_configs(tmp_path, folder, tiny_train_toml(**values), loader, workers, every_steps)
 
 
 def schedule_free_toml(**overrides) -> str:
@@ -159,14 +159,6 @@ def sam_v2_toml(**overrides) -> str:
         '[optim]\nname = "sgd-sam"\nmomentum = 0.9\nweight_decay = 1e-4\nrho = 0.5\nadaptive = true\nv2 = true')
 
 
-def finished_run(args: list[str], out: Path, launcher: list[str] | None = None,
-                 **env) -> subprocess.CompletedProcess:
-    """``python -m train ARGS --output-dir OUT`` to its end, which must be a success."""
-    result = run_train(args + ["--output-dir", str(out)], launcher=launcher, **env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @dataclass(frozen=True)
 class LaunchedRun:
     """A finished run: its directory, the config arguments it ran with, what it printed."""
@@ -177,14 +169,12 @@ class LaunchedRun:
 
 
 def launched_run(args: list[str], out: Path, launcher: list[str] | None = None, **env) -> LaunchedRun:
-    result = finished_run(args, out, launcher, **env)
+    """``python -m train ARGS --output-dir OUT`` (under ``launcher``) to its end, which must be a success."""
+    result = run_train(args + ["--output-dir", str(out)], launcher=launcher, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
     return LaunchedRun(out, args, result.stdout, result.stderr)
 
 
-def uninterrupted_run(folder: Path, tmp: Path, loader: str, launcher: list[str] | None = None, **env) -> Path:
-    """The run directory of a tiny checkpointing run that nothing interrupted."""
-    finished_run(checkpointing_configs(tmp, folder, loader), tmp / "out", launcher, **env)
-    return tmp / "out"
 
 
 # ------------------------------------------------------------------ killing a run
@@ -246,6 +236,17 @@ def kill_after_checkpoint(args: list[str], out: Path, step: int, launcher: list[
     newest = ckpt.latest_valid_checkpoint(out)
     assert newest is not None
     return newest
+
+
+def assert_rerun_reproduces(args: list[str], out: Path, newest: Path, reference: Path,
+                            launcher: list[str] | None = None, **env) -> None:
+    """The killed run's command again: it resumes from ``newest`` and ends with the metrics of
+    the ``reference`` run, which nothing interrupted."""
+    result = run_train(args + ["--output-dir", str(out)], launcher=launcher, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {newest}" in result.stdout
+    assert without_timing(read_metrics(out / "metrics.jsonl")) == \
+        without_timing(read_metrics(reference / "metrics.jsonl"))
 
 
 def batches_done(checkpoint: Path, rank: int = 0) -> int:
