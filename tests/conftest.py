@@ -1,9 +1,29 @@
-"""Session fixtures shared by the test modules."""
+"""Session fixtures shared by the test modules: data, finished runs and the shipped configs.
+
+The runs are the expensive part of the suite (real processes, 2 of them on gloo for the
+multi-process ones); each is made once and read by every test that needs one. Tests read
+them, or copy them before changing anything.
+"""
 
 from pathlib import Path
 
 import pytest
-from helpers import make_image_folder, uninterrupted_run
+from helpers import (
+    REPO,
+    LaunchedRun,
+    accelerate_launch,
+    checkpointing_configs,
+    free_port,
+    launched_run,
+    make_image_folder,
+    run_configs,
+    tiny_train_toml,
+)
+
+from train.config import Config, load_config
+
+SHIPPED_DATA = REPO / "configs" / "data"
+SHIPPED_TRAIN = REPO / "configs" / "train"
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +34,35 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_run(tiny_folder, tmp_path_factory) -> Path:
-    """A finished tiny run on the HF loader (4 epochs, checkpoints every 2 steps), shared by the
-    checkpoint and export tests: read it, or copy it before changing anything."""
-    return uninterrupted_run(tiny_folder, tmp_path_factory.mktemp("reference"), "hf")
+    """A finished tiny run on the HF loader (4 epochs of 3 steps, checkpoints every 2 steps), shared
+    by the checkpoint and export tests."""
+    tmp = tmp_path_factory.mktemp("reference")
+    return launched_run(checkpointing_configs(tmp, tiny_folder), tmp / "out").dir
+
+
+def two_process_reference(tmp_path_factory, folder: Path, loader: str) -> LaunchedRun:
+    """A tiny run on 2 processes through `accelerate launch`: 2 epochs of 3 steps (lr 0.02),
+    checkpoints every 2 steps, one loader worker per process."""
+    tmp = tmp_path_factory.mktemp(f"two_processes_{loader}")
+    args = run_configs(tmp, folder, tiny_train_toml(max_epochs=2, lr=0.02), loader, workers=1)
+    return launched_run(args, tmp / "out", accelerate_launch(2, port=free_port()), XDG_CACHE_HOME=str(tmp / "cache"))
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tiny_folder, tmp_path_factory) -> LaunchedRun:
+    """HF loader."""
+    return two_process_reference(tmp_path_factory, tiny_folder, "hf")
+
+
+@pytest.fixture(scope="session")
+def two_process_dali_run(tiny_folder, tmp_path_factory) -> LaunchedRun:
+    """DALI loader reading the folder."""
+    return two_process_reference(tmp_path_factory, tiny_folder, "dali")
+
+
+@pytest.fixture(scope="session")
+def shipped_configs() -> dict[str, Config]:
+    """Every shipped training config with the shipped DALI data config, by file name, loaded and
+    validated once (for 8 processes: every batch size must divide among them)."""
+    return {path.stem: load_config(SHIPPED_DATA / "imagenet.toml", path, num_processes=8)
+            for path in sorted(SHIPPED_TRAIN.glob("*.toml"))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, clean_env, run_train, uninterrupted_run, without_timing
+from helpers import (
+    REPO,
+    accelerate_launch,
+    assert_mid_epoch,
+    assert_rerun_reproduces,
+    batches_done,
+    clean_env,
+    free_port,
+    kill_after_checkpoint,
+    launched_run,
+    run_train,
+    without_timing,
+)
 from helpers import checkpointing_configs as configs
 
 from train import checkpoint as ckpt
@@ -37,25 +50,47 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None
 # ------------------------------------------------------------------------ exact resume
 
 
+# Checkpoints every 4 steps of 3-step epochs: 4 and 8 inside epochs 2 and 3, 12 at the end. A
+# run killed as soon as checkpoint 4 is complete can only have left mid-epoch ones. (Saving a
+# checkpoint changes nothing in an SGD run, so its metrics are the reference run's.)
+MID_EPOCH_ONLY = 4
+
+
 @pytest.mark.parametrize("loader", ["hf", "dali"])
 def test_sigkill_mid_epoch_then_rerun_gives_the_same_metrics(loader, reference_run, tiny_folder, tmp_path):
-    reference = reference_run if loader == "hf" else uninterrupted_run(tiny_folder, tmp_path / "reference", loader)
+    args = configs(tmp_path, tiny_folder, loader, every_steps=MID_EPOCH_ONLY)
+    reference = reference_run
+    if loader == "dali":
+        reference = launched_run(args, tmp_path / "reference").dir
     out = tmp_path / "out"
-    args = configs(tmp_path, tiny_folder, loader) + ["--output-dir", str(out)]
-    process = start_train(args)
-    # Step 4 is the first step of epoch 2: the kill lands in the middle of an epoch.
-    wait_for(lambda: (out / "checkpoints" / "00000004" / ckpt.MANIFEST).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert not (out / "model").exists(), "the run finished before it was killed: the test proves nothing"
-    newest = ckpt.latest_valid_checkpoint(out)
-    assert newest is not None and 4 <= int(newest.name) < 12
+    newest = kill_after_checkpoint(args, out, step=4)
+    assert_mid_epoch(newest)
+    assert_rerun_reproduces(args, out, newest, reference)
 
-    result = run_train(args)  # the same command again
-    assert result.returncode == 0, result.stderr
-    assert f"resumed from {newest}" in result.stdout
-    assert without_timing(read_metrics(out / "metrics.jsonl")) == \
-        without_timing(read_metrics(reference / "metrics.jsonl"))
+
+@pytest.mark.parametrize("loader", ["hf", "dali"])
+def test_two_processes_killed_mid_epoch_then_rerun_give_the_same_metrics(loader, request, tmp_path):
+    """Both processes resume at their own place in the epoch (and DALI's readers at theirs)."""
+    reference = request.getfixturevalue("two_process_run" if loader == "hf" else "two_process_dali_run")
+    out, cache = tmp_path / "out", str(tmp_path / "cache")
+    newest = kill_after_checkpoint(reference.args, out, step=2, launcher=accelerate_launch(2, port=free_port()),
+                                   XDG_CACHE_HOME=cache)
+    assert_mid_epoch(newest)
+    assert batches_done(newest, rank=1) == batches_done(newest, rank=0)
+    assert_rerun_reproduces(reference.args, out, newest, reference.dir, accelerate_launch(2, port=free_port()),
+                            XDG_CACHE_HOME=cache)
+
+
+def test_explicit_resume_continues_from_that_checkpoint(reference_run, tiny_folder, tmp_path, capsys):
+    """--resume CHECKPOINT into a new run directory: the records before it come with it, the
+    steps after it are trained again, and the result is the uninterrupted run's."""
+    chosen = reference_run / "checkpoints" / "00000010"  # inside epoch 4, after batch 1 of 3
+    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(tmp_path / "out"), "--resume", str(chosen)]
+    assert main(args) == 0
+    assert f"resumed from {chosen}: epoch 4, batch 1" in capsys.readouterr().out
+    assert without_timing(read_metrics(tmp_path / "out" / "metrics.jsonl")) == \
+        without_timing(read_metrics(reference_run / "metrics.jsonl"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "out")] == ["00000012"]  # its own, after step 10
 
 
 def test_kills_at_random_moments_never_leave_a_damaged_checkpoint(tiny_folder, tmp_path):
@@ -107,6 +142,18 @@ def test_a_save_interrupted_before_its_rename_leaves_the_previous_checkpoint(ref
 
 
 # -------------------------------------------------------------------------- preemption
+
+
+def test_checkpoint_every_minutes_writes_checkpoints_on_the_wall_clock(tiny_folder, tmp_path, capsys):
+    """An interval shorter than any step: every step is past it, so each writes a checkpoint
+    (the interval itself, and who reads the clock, are checked with 2 processes in
+    test_optim_distributed.py)."""
+    args = configs(tmp_path, tiny_folder, max_epochs=1) + [
+        "--output-dir", str(tmp_path / "out"), "--set", "train.log.checkpoint_every_steps=0",
+        "--set", "train.log.checkpoint_every_minutes=1e-9"]
+    assert main(args) == 0
+    written = re.findall(r"^checkpoint: .*/(\d+)$", capsys.readouterr().out, re.M)
+    assert written == ["00000001", "00000002", "00000003", "00000003"]  # the last step's, then the run's end
 
 
 def test_sigterm_checkpoints_and_exits_with_the_preempted_status(reference_run, tiny_folder, tmp_path):

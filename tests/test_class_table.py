@@ -113,12 +113,30 @@ def test_export_command_writes_the_descriptions_from_the_checkpoint(described_ru
     assert config["label_names"] == WNIDS and config["label_descriptions"] == dict(zip(WNIDS, NAMES))
 
 
-def test_checkpoints_written_before_descriptions_still_load_and_export_without_them(described_run, tmp_path):
-    state = json.loads((ckpt.list_checkpoints(described_run)[-1] / ckpt.TRAINER_STATE).read_text())
+def older_checkpoint(described_run: Path, tmp_path: Path) -> Path:
+    """A copy of the run's last checkpoint as written before class tables: no class_descriptions."""
+    import shutil
+    old = tmp_path / "run" / ckpt.CHECKPOINTS / ckpt.list_checkpoints(described_run)[-1].name
+    shutil.copytree(ckpt.list_checkpoints(described_run)[-1], old)
+    state = json.loads((old / ckpt.TRAINER_STATE).read_text())
     del state["class_descriptions"]
-    write(tmp_path / ckpt.TRAINER_STATE, json.dumps(state))
-    old = ckpt.read_trainer_state(tmp_path)
-    assert old.class_names == WNIDS and old.class_descriptions == []
+    (old / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    ckpt.write_manifest(old)  # an intact older checkpoint, not a damaged one
+    return old
+
+
+def test_checkpoints_written_before_descriptions_still_load_and_export_without_them(described_run, tmp_path):
+    import timm
+
+    from train.export import main as export_main
+    old = older_checkpoint(described_run, tmp_path)
+    state = ckpt.read_trainer_state(old)
+    assert state.class_names == WNIDS and state.class_descriptions == []
+    assert export_main([str(old), "--output", str(tmp_path / "model")]) == 0
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["label_names"] == WNIDS and "label_descriptions" not in config
+    model = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True)
+    assert list(model.pretrained_cfg["label_names"]) == WNIDS and "label_descriptions" not in model.pretrained_cfg
 
 
 def test_resuming_an_older_checkpoint_exports_the_current_table(described_run, described_folder, tmp_path):
@@ -126,13 +144,8 @@ def test_resuming_an_older_checkpoint_exports_the_current_table(described_run, d
     has one: the final export takes the folder's names."""
     import shutil
     run = tmp_path / "run"
-    shutil.copytree(described_run, run)
-    shutil.rmtree(run / "model")
-    last = ckpt.list_checkpoints(run)[-1]
-    state = json.loads((last / ckpt.TRAINER_STATE).read_text())
-    del state["class_descriptions"]
-    (last / ckpt.TRAINER_STATE).write_text(json.dumps(state))
-    ckpt.write_manifest(last)  # an intact older checkpoint, not a damaged one
+    shutil.copytree(described_run, run, ignore=shutil.ignore_patterns("model", ckpt.CHECKPOINTS))
+    last = older_checkpoint(described_run, tmp_path)
     data = write(tmp_path / "data.toml", data_toml(described_folder))
     train = write(tmp_path / "train.toml", tiny_train_toml())
     result = run_train(["--data-cfg", str(data), "--train-cfg", str(train), "--output-dir", str(run),

@@ -17,6 +17,7 @@ from train.config import (
     _bounds,
     _build,
     load_config,
+    load_config_text,
     parse_override,
     to_dict,
 )
@@ -118,6 +119,34 @@ def test_schedule_free_rejects_cosine(files):
     assert "'constant'" in message and "'cosine'" in message
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.preprocess=3"], "train.preprocess must be a table, got 3"),
+    (["train.optim=3"], "train.optim must be a table, got 3"),
+    (["train.lr_scheduler={warmup_epochs=1}"], "train.lr_scheduler.name is missing; choose one of 'cosine', "
+                                               "'constant'"),
+    (["train.lr.peak=1"], "--set train.lr.peak: 'lr' is a value, not a table"),
+])
+def test_tables_and_values_in_the_wrong_place(files, overrides, message):
+    assert message in error_of(*files, overrides)
+
+
+def test_a_table_without_its_name_lists_the_choices(files, tmp_path):
+    data, _ = files
+    train = write(tmp_path / "t.toml", tiny_train_toml().replace('[optim]\nname = "sgd"\n', "[optim]\n"))
+    message = error_of(data, train)
+    assert message.startswith(f"{train}: train.optim.name is missing; choose one of 'sgd', 'adam'"), message
+
+
+@pytest.mark.parametrize("section", ["data", "train"])
+def test_a_stored_config_without_a_section_is_an_error(files, section):
+    """A run's config.toml (read back by export and report) holds both sections."""
+    import tomli_w
+    tables = to_dict(load_config(*files))
+    del tables[section]
+    with pytest.raises(ConfigError, match=re.escape(f"run/config.toml: missing [{section}] table")):
+        load_config_text(tomli_w.dumps(tables), "run/config.toml")
+
+
 @pytest.mark.parametrize("text, parts, value", [
     ("train.lr=0.5", ["train", "lr"], 0.5),
     ('data.dataloader.name="hf"', ["data", "dataloader", "name"], "hf"),
@@ -144,6 +173,18 @@ def test_set_overrides_nested_values(files):
 
 SEED_CONFIGS = ["resnet50-adam", "resnet50-sgd", "resnet50-sf-sgd", "resnet50-sgd-sam-v1", "resnet50-sgd-sam-v2",
                 "resnet18-sgd", "resnet18-sgd-sam-v1", "resnet18-sgd-sam-v2", "vit_base_16", "vgg16", "vgg16_bn"]
+# Shipped beyond the seed's: no seed result to match (see the file's comment).
+OTHER_CONFIGS = ["resnet50-sf-adamw"]
+
+
+def test_every_shipped_config_is_valid_and_passes_the_start_up_checks(shipped_configs):
+    """The fixture has loaded and validated each file; these are the checks a run makes next."""
+    from train import data, models, optim
+    assert sorted(shipped_configs) == sorted(SEED_CONFIGS + OTHER_CONFIGS)
+    for name, config in shipped_configs.items():
+        models.check_model(config.train, config.data.num_classes, name)
+        optim.check_supported(config.train.optim, name)
+        data.check_supported(config.data, "imagenet.toml")
 
 
 def test_shipped_data_configs():
@@ -175,15 +216,6 @@ def test_cli_reports_unknown_arch_with_close_matches(capsys, files):
     data, train = files
     err = cli_error(capsys, ["--data-cfg", str(data), "--train-cfg", str(train), "--set", "train.arch=resnet5"])
     assert "unknown model 'resnet5'" in err and "resnet50" in err
-
-
-@pytest.mark.parametrize("name", SEED_CONFIGS)
-def test_every_shipped_config_passes_the_start_up_checks(name):
-    from train import data, models, optim
-    config = load_config(REPO / "configs/data/imagenet.toml", REPO / f"configs/train/{name}.toml", num_processes=4)
-    models.check_model(config.train, config.data.num_classes, name)
-    optim.check_supported(config.train.optim, name)
-    data.check_supported(config.data, "imagenet.toml")
 
 
 def test_cli_reports_syntax_error(capsys, files, tmp_path):

@@ -4,7 +4,18 @@ one and two processes, metrics read back."""
 from __future__ import annotations
 
 import pytest
-from helpers import accelerate_launch, data_toml, make_image_folder, run_train, tiny_train_toml, write
+from helpers import (
+    LaunchedRun,
+    accelerate_launch,
+    data_toml,
+    evaluate_per_image,
+    free_port,
+    launched_run,
+    make_image_folder,
+    run_train,
+    tiny_train_toml,
+    write,
+)
 
 from train.cli import main
 from train.dataset_tools.convert import convert
@@ -44,18 +55,28 @@ def test_dali_training_reaches_the_accuracy_band_of_the_hf_loader(tmp_path):
     assert final["hf"] >= 75 and final["dali"] >= 75 and final["dali"] >= final["hf"] - 15, final
 
 
+@pytest.fixture(scope="module")
+def two_process_shards_run(tiny_shards, tmp_path_factory) -> LaunchedRun:
+    tmp = tmp_path_factory.mktemp("two_processes_shards")
+    return launched_run(configs(tmp, tiny_shards, max_epochs=2), tmp / "out", accelerate_launch(2, port=free_port()),
+                        XDG_CACHE_HOME=str(tmp / "cache"))
+
+
 @pytest.mark.parametrize("reader", ["folder", "shards"])
-def test_two_processes_evaluate_every_image_exactly_once(reader, tiny_folder, tiny_shards, tmp_path):
-    # 15 validation images: DALI's shards hold 7 and 8, padded to equal batches; the
-    # padding must not be counted.
-    data_dir = tiny_folder if reader == "folder" else tiny_shards
-    port = 29631 if reader == "folder" else 29632
-    args = configs(tmp_path, data_dir, max_epochs=2) + ["--output-dir", str(tmp_path / "out")]
-    result = run_train(args, launcher=accelerate_launch(2, port=port), XDG_CACHE_HOME=str(tmp_path / "cache"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 process(es)" in result.stdout
-    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
-    assert [r["val_samples"] for r in records] == [15, 15] and [r["step"] for r in records] == [3, 6]
+def test_two_processes_evaluate_every_image_exactly_once(reader, request, tiny_folder, tiny_shards, monkeypatch,
+                                                         tmp_path):
+    """15 validation images: DALI's shards hold 7 and 8, padded to equal batches; the padding must
+    not be counted. The record is the mean over those 15 of what one process computes for each."""
+    run = request.getfixturevalue("two_process_dali_run" if reader == "folder" else "two_process_shards_run")
+    assert "on 2 process(es)" in run.stdout
+    records = read_metrics(run.dir / "metrics.jsonl")
+    assert all(r["val_samples"] == 15 for r in records) and records[-1]["step"] == 3 * len(records)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    single = evaluate_per_image(run.dir / "model", tiny_folder if reader == "folder" else tiny_shards, "dali")
+    assert len(single.loss) == 15 and len(set(single.loss.tolist())) == 15
+    assert records[-1]["val_loss"] == pytest.approx(single.loss.mean().item(), rel=1e-5)
+    assert records[-1]["val_acc1"] == pytest.approx(100 * single.top1.float().mean().item())
+    assert records[-1]["val_acc5"] == pytest.approx(100 * single.top5.float().mean().item())
 
 
 def test_one_process_on_shards_evaluates_every_image_once(tiny_shards, tmp_path, monkeypatch):

@@ -4,15 +4,19 @@ evaluation of an exported model, and the Hub push command (dry run and refusals)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO, clean_env, data_toml, write
 
 from train import checkpoint as ckpt
+from train.config import DataConfig, DataloaderConfig
+from train.data import build_loaders
 from train.rundir import read_metrics
 
 
@@ -38,24 +42,51 @@ def test_exported_model_loads_through_timm_and_reproduces_the_accuracy(reference
     assert f"loss {last['val_loss']:.4f}" in result.stdout and "(15 images)" in result.stdout
 
 
-def test_evaluate_can_recalibrate_batchnorm_first(reference_run, tiny_folder, tmp_path):
+def test_evaluate_can_recalibrate_batchnorm_first(reference_run, tiny_folder, tmp_path, monkeypatch, capsys):
+    """--recalibrate-bn 16: the model is evaluated with statistics recomputed for its weights over
+    16 training images (2 batches of 8), checked on the first BatchNorm layer, whose input is
+    computed here by hand."""
+    import train.evaluate as command
+    evaluated_with = {}
+    real_evaluate = command.evaluate
+
+    def watch(model, *args, **kwargs):
+        evaluated_with.update({name: buffer.clone() for name, buffer in model.named_buffers()})
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(command, "evaluate", watch)
     data = write(tmp_path / "data.toml", data_toml(tiny_folder))
-    result = subprocess.run([sys.executable, "-m", "train.evaluate", str(reference_run / "model"), "--data-cfg",
-                             str(data), "--batch-size", "8", "--recalibrate-bn", "16"],
-                            cwd=REPO, env=clean_env(), capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "recomputed over 16 training images" in result.stdout and "(15 images)" in result.stdout
+    assert command.main([str(reference_run / "model"), "--data-cfg", str(data), "--batch-size", "8",
+                         "--recalibrate-bn", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "recomputed over 16 training images" in out and "(15 images)" in out
+
+    model = command.load_model(str(reference_run / "model"))
+    data_config = DataConfig(data_dir=str(tiny_folder), num_classes=3,
+                             dataloader=DataloaderConfig(name="hf", num_data_workers=0))  # data.toml's
+    loaders = build_loaders(data_config, command.preprocess_of(model), 8, 1, 0, seed=0, pin_memory=False)
+    with torch.no_grad():
+        first_layer_inputs = [model.conv1(images) for images, _ in itertools.islice(loaders.train_stats(), 2)]
+    # Every batch weighs the same: the average of the batches' means and (unbiased) variances.
+    mean = torch.stack([x.mean(dim=(0, 2, 3)) for x in first_layer_inputs]).mean(0)
+    var = torch.stack([x.var(dim=(0, 2, 3)) for x in first_layer_inputs]).mean(0)
+    torch.testing.assert_close(evaluated_with["bn1.running_mean"], mean)
+    torch.testing.assert_close(evaluated_with["bn1.running_var"], var)
+    assert evaluated_with["bn1.num_batches_tracked"].item() == 2
+    assert not torch.allclose(model.bn1.running_mean, mean, rtol=1e-3)  # the exported statistics differ
 
 
-def test_evaluate_reports_a_missing_model_folder_in_one_line(tmp_path, tiny_folder):
+def test_evaluate_reports_a_missing_model_folder_in_one_line(tmp_path, tiny_folder, capsys):
     from train.evaluate import main as evaluate_main
     data = write(tmp_path / "data.toml", data_toml(tiny_folder))
-    assert evaluate_main([str(tmp_path / "nothing"), "--data-cfg", str(data)]) == 2
+    missing = tmp_path / "nothing"
+    assert evaluate_main([str(missing), "--data-cfg", str(data)]) == 2
+    assert capsys.readouterr().err == (f"error: {missing}: not a model folder (no config.json); "
+                                       "give RUN/model or hf-hub:<repo id>\n")
 
 
 def test_export_command_turns_a_checkpoint_into_a_model_folder(reference_run, tmp_path):
     import timm
-    import torch
     first = ckpt.list_checkpoints(reference_run)[-1]
     from train.export import main as export_main
     assert export_main([str(first), "--output", str(tmp_path / "m")]) == 0

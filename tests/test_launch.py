@@ -134,6 +134,39 @@ def test_the_preempted_status_is_the_trainers():
     assert re.search(r"^readonly EXIT_PREEMPTED=(\d+)$", script, re.M).group(1) == str(EXIT_PREEMPTED)
 
 
+STARTING_WORKER = """
+import os, signal, sys, time
+status_dir = sys.argv[1]
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as inherited from accelerate's process
+time.sleep(0.5)  # Python and torch starting: no pid file yet
+with open(os.path.join(status_dir, "0.pid.partial"), "w") as f:
+    f.write(str(os.getpid()))
+os.replace(os.path.join(status_dir, "0.pid.partial"), os.path.join(status_dir, "0.pid"))
+time.sleep(0.5)  # the trainer not yet started: the signal is still ignored
+signal.signal(signal.SIGUSR1, lambda signum, frame: sys.exit(75))  # the trainer's handler: stop
+time.sleep(20)
+sys.exit(0)  # never stopped
+"""
+
+
+def test_a_stop_signal_reaches_a_worker_that_was_still_starting(tmp_path, monkeypatch):
+    """The signal reaches the launcher before the worker has written its pid, and is ignored by
+    the worker until the trainer's handler is in place: the launcher sends it again until the
+    worker has ended."""
+    monkeypatch.setattr(launcher, "RESEND_INTERVAL_S", 0.1)
+    worker = subprocess.Popen([sys.executable, "-c", STARTING_WORKER, str(tmp_path)])
+    forwarder = launcher.SignalForwarder(tmp_path).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends the node launcher
+        assert forwarder.received == signal.SIGUSR1 and not launcher.running_workers(tmp_path)
+        assert forwarder.wait(worker) == 75  # stopped by the signal, not after its 20 s
+    finally:
+        forwarder.uninstall()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 # ------------------------------------------------------- the generator as a node runs it
 
 

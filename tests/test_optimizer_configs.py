@@ -1,4 +1,4 @@
-"""The shipped Schedule-Free and SAM configs: valid as written, and they train on the built-in data."""
+"""The shipped Schedule-Free and SAM configs train on the built-in data."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import pytest
 from helpers import REPO
 
 from train.cli import BUILTIN_DATA, main
-from train.config import load_config
-from train.optim import check_supported
 from train.rundir import read_metrics
 
-SCHEDULE_FREE = ["resnet50-sf-sgd", "resnet50-sf-adamw"]
-SAM = ["resnet50-sgd-sam-v1", "resnet50-sgd-sam-v2", "resnet18-sgd-sam-v1", "resnet18-sgd-sam-v2"]
 # A few steps on the built-in data set (2,000 images): 4 steps of 500 images at 8 px, one
 # batch for the BatchNorm statistics. Everything about the optimizer stays as shipped.
 SMALL = ["train.batch_size=500", "train.max_epochs=1", "train.preprocess.train_crop_size=8",
@@ -21,26 +17,12 @@ SMALL = ["train.batch_size=500", "train.max_epochs=1", "train.preprocess.train_c
          "train.use_amp=false"]
 
 
-def shipped(name: str):
-    path = REPO / "configs" / "train" / f"{name}.toml"
-    config = load_config(REPO / "configs/data/imagenet.toml", path, num_processes=8)
-    check_supported(config.train.optim, str(path))
-    return config.train
-
-
-@pytest.mark.parametrize("name", SCHEDULE_FREE + SAM)
-def test_shipped_config_is_valid_and_supported(name):
-    train = shipped(name)
-    assert (train.batch_size, train.max_epochs, train.label_smoothing, train.preprocess.train_crop_size) == (
-        1024, 90, 0.1, 176)
-    assert (train.preprocess.val_image_size, train.preprocess.val_crop_size) == (224, 224)
-    assert train.lr_scheduler.name == ("constant" if name in SCHEDULE_FREE else "cosine")
-
-
-def test_resnet50_sam_configs_differ_from_the_resnet18_ones_only_in_the_model():
-    """Which is why only the ResNet-18 ones are trained below (the seed trained ResNet-18 SAM v2 in fp32)."""
+def test_resnet50_sam_configs_differ_from_the_resnet18_ones_only_in_the_model(shipped_configs):
+    """Which is why only the ResNet-18 ones are trained below (the seed trained ResNet-18 SAM v2 in
+    fp32; the files are checked in test_config.py and test_seed_recipes.py)."""
     for version in ("v1", "v2"):
-        small, large = shipped(f"resnet18-sgd-sam-{version}"), shipped(f"resnet50-sgd-sam-{version}")
+        small = shipped_configs[f"resnet18-sgd-sam-{version}"].train
+        large = shipped_configs[f"resnet50-sgd-sam-{version}"].train
         assert dataclasses.replace(large, arch="resnet18", use_amp=small.use_amp) == small
 
 

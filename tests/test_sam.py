@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from accelerate import Accelerator
-from optim_reference import gradient, linear_model, sam_v1_trajectory, sam_v2_trajectory, tiny_problem
+from optim_reference import gradient, linear_model, sam_e, sam_v1_trajectory, sam_v2_trajectory, tiny_problem
 
 from train.config import SGDConfig, SGDSAMConfig
 from train.optim import build_optimizer, build_train_step
@@ -114,14 +114,40 @@ def test_single_step_sam_departs_from_sgd_at_the_second_step():
     close(sam_model.weight, ref_w)
 
 
-def test_single_step_sam_keeps_the_gradient_it_stepped_with_in_the_optimizer_state():
-    """So a checkpoint carries it: a resumed run perturbs at its first step as the original would."""
-    weight, bias, batches = tiny_problem(steps=1)
+def test_single_step_sam_keeps_the_gradient_it_stepped_with_in_the_optimizer_state(tmp_path):
+    """So a checkpoint carries it: a run resumed from Accelerate's saved state perturbs at its
+    first step as the original does."""
+    weight, bias, batches = tiny_problem(steps=2)
     step, model, optimizer = prepared_step(linear_model(weight, bias), sam_config(v2=True))
     step(*batches[0])
     grad_w, grad_b = gradient(weight, bias, *batches[0])
     close(optimizer.state[model.weight][PREVIOUS_GRAD], grad_w)
     close(optimizer.state_dict()["state"][1][PREVIOUS_GRAD], grad_b)
+    step.accelerator.save_state(str(tmp_path / "checkpoint"))  # what train.checkpoint.save writes
+
+    resumed_step, resumed_model, resumed_optimizer = prepared_step(linear_model(weight * 0, bias * 0),
+                                                                   sam_config(v2=True))
+    resumed_step.accelerator.load_state(str(tmp_path / "checkpoint"))
+    close(resumed_optimizer.state[resumed_model.weight][PREVIOUS_GRAD], grad_w)
+    step(*batches[1])
+    resumed_step(*batches[1])
+    assert torch.equal(resumed_model.weight, model.weight) and torch.equal(resumed_model.bias, model.bias)
+    ref_w, ref_b = sam_v2_trajectory(weight, bias, batches, LR, MOMENTUM, WEIGHT_DECAY, 0.3, False)[-1]
+    close(resumed_model.weight, ref_w)  # the perturbed step, not a plain one
+
+
+def test_two_step_sam_reports_the_loss_at_w():
+    """The loss a step returns (logged, and averaged into the epoch's train_loss) is the batch's
+    loss at w, the first pass's, not at w + e."""
+    weight, bias, ((x, t),) = tiny_problem(steps=1)
+    step, _, _ = prepared_step(linear_model(weight, bias), sam_config(v2=False))
+    loss, _ = step(x, t)
+    w, b, x64, t64 = weight.double(), bias.double(), x.double(), t.double()
+    e_w, e_b = sam_e(w, b, *gradient(weight, bias, x, t), rho=0.3, adaptive=False)
+    at_w = ((x64 @ w.T + b - t64) ** 2).mean().item()
+    at_w_plus_e = ((x64 @ (w + e_w).T + (b + e_b) - t64) ** 2).mean().item()
+    assert at_w_plus_e > 1.01 * at_w  # e ascends the loss: the two are told apart
+    assert loss.item() == pytest.approx(at_w, rel=1e-6)
 
 
 def test_two_step_sam_updates_batchnorm_statistics_in_the_first_pass_only():

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
+from helpers import REPO, clean_env, data_toml, run_train, tiny_train_toml, write
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -149,20 +149,19 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tiny_folder, tmp_path
     assert [v for _, v in logged["val/acc1"]] == pytest.approx([r["val_acc1"] for r in records])
 
 
-def test_with_two_processes_only_the_main_process_writes_events(tiny_folder, tmp_path):
-    out = tmp_path / "out"
-    args = configs(tmp_path, tiny_folder) + ["--output-dir", str(out)]
-    result = run_train(args, launcher=accelerate_launch(2, port=29643))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 process(es)" in result.stdout
+def test_with_two_processes_only_the_main_process_writes_events(two_process_run):
+    out = two_process_run.dir
+    assert "on 2 process(es)" in two_process_run.stdout
     assert len(list((out / TRACKER_FOLDER).glob("events.out.tfevents.*"))) == 1
     assert len(list((out / TRACKER_FOLDER).glob("*/events.out.tfevents.*"))) == 1  # the hyperparameters
     logged = scalars(out)
-    assert [s for s, _ in logged["train/loss"]] == [2] and [s for s, _ in logged["val/acc1"]] == [3]
-    assert logged["val/acc1"][0][1] == pytest.approx(read_metrics(out / "metrics.jsonl")[0]["val_acc1"])
-    assert "\r" not in result.stdout and "\r" not in result.stderr
+    assert [s for s, _ in logged["train/loss"]] == [2, 4, 6]  # log_freq 2, each once
+    assert [s for s, _ in logged["val/acc1"]] == [3, 6]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [v for _, v in logged["val/acc1"]] == pytest.approx([r["val_acc1"] for r in records])
+    assert "\r" not in two_process_run.stdout and "\r" not in two_process_run.stderr
     # Each process's peak memory, gathered by the main process, which alone prints.
-    assert re.search(r"^peak memory at step 2: [\d.]+-[\d.]+ GiB per process", result.stdout, re.MULTILINE)
+    assert re.search(r"^peak memory at step 2: [\d.]+-[\d.]+ GiB per process", two_process_run.stdout, re.MULTILINE)
 
 
 # --------------------------------------------------------------------------- small parts
