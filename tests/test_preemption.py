@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, accelerate_launch, clean_env, data_toml, tiny_train_toml, without_timing, write
+from helpers import REPO, accelerate_launch, clean_env, data_toml, free_port, tiny_train_toml, without_timing, write
 
 from train import checkpoint as ckpt
 from train import preemption
@@ -23,7 +23,6 @@ from train.preemption import EXIT_PREEMPTED, Action, CheckpointPolicy, StopReque
 from train.rundir import read_metrics
 
 WORKER = Path(__file__).resolve().parent / "hooked_worker.py"
-PORTS = iter(range(29651, 29660))
 
 
 def configs(tmp: Path, folder: Path) -> list[str]:
@@ -42,7 +41,7 @@ def launch(args: list[str], status_dir: Path, stop: str | None = None, preexec_f
     for old in status_dir.glob("*"):
         old.unlink()
     env.update({"TRAIN_WORKER_STATUS_DIR": str(status_dir), **({"STOP_ONE_PROCESS": stop} if stop else {})})
-    command = accelerate_launch(2, port=next(PORTS)) + [str(WORKER), *args]
+    command = accelerate_launch(2, port=free_port()) + [str(WORKER), *args]
     process = subprocess.Popen(command, cwd=REPO, env=clean_env(**env), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec_fn)
     try:
