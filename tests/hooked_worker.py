@@ -49,16 +49,16 @@ def after_step(step: int) -> None:
 
     def start_run(config, options):
         run, epoch_state = original(config, options)
-        train_step, done = run.train_step, [run.trainer.step + epoch_state.batches_done]
+        on_micro_batches, done = run.train_step.on_micro_batches, [run.trainer.step + epoch_state.batches_done]
 
-        def counted_step(images, labels):
-            result = train_step(images, labels)
+        def counted_step(micro_batches):  # the loop's call for one optimizer step
+            result = on_micro_batches(micro_batches)
             done[0] += 1
             if done[0] == step:
                 signal_myself()
             return result
 
-        run.train_step = counted_step
+        run.train_step.on_micro_batches = counted_step
         return run, epoch_state
 
     loop.start_run = start_run
