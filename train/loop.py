@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,11 +64,12 @@ def fit(config: Config, options: RunOptions) -> dict:
     return finish(run)
 
 
-def train_one_epoch(run: Run, state: EpochState) -> bool:
+def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bool:
     """Continue the current epoch from ``state`` over this process's shard; ``state`` is updated.
 
     After each step the checkpoint policy may ask for a checkpoint or for a stop (a signal).
-    Returns False when stopped before the epoch's end.
+    Returns False when stopped before the epoch's end. ``until``: end the pass once the epoch
+    has this many steps done (the preflight's few steps), else at the epoch's end.
     """
     train, accelerator, loaders = run.config.train, run.accelerator, run.loaders
     loaders.set_epoch(run.trainer.epoch, state.batches_done)
@@ -105,6 +107,8 @@ def train_one_epoch(run: Run, state: EpochState) -> bool:
                 save_checkpoint(run, state)
                 if action & Action.STOP:
                     return False
+            if state.batches_done == until:
+                break
     finally:
         progress.close()
     state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
@@ -185,12 +189,18 @@ def finish(run: Run) -> dict:
     trainer, accelerator = run.trainer, run.accelerator
     record = trainer.metrics[-1] if trainer.metrics else {}
     if accelerator.is_main_process and record:
-        model_dir = write_model_folder(run.run_dir / "model", bare_model(accelerator, run.model), run.config,
-                                       tuple(trainer.class_names), trainer.metrics, run.options.command,
-                                       tuple(trainer.class_descriptions))
+        model_dir = export_model(run)
         LOG.info(run_summary(record, trainer.metrics, run.config.train.max_epochs, run.run_dir,
                              checkpoint.list_checkpoints(run.run_dir), model_dir, run.tracker.log_dir,
                              hours_unit(accelerator)))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def export_model(run: Run) -> Path:
+    """The model's current weights as a timm model folder, ``<run>/model`` (main process only)."""
+    trainer = run.trainer
+    return write_model_folder(run.run_dir / "model", bare_model(run.accelerator, run.model), run.config,
+                              tuple(trainer.class_names), trainer.metrics, run.options.command,
+                              tuple(trainer.class_descriptions))
