@@ -30,6 +30,7 @@ the real run's for the same error (2 for bad input, 74 for storage, else 1).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import logging
 import shutil
@@ -57,7 +58,7 @@ from .loop import epoch_mean_loss, evaluate_and_record, export_model, hours_unit
 from .models import bare_model
 from .progress import format_duration
 from .rundir import default_run_dir, setup_logging
-from .startup import Run, RunOptions, make_accelerator, start_run
+from .startup import Run, RunOptions, create_run_dir, make_accelerator, start_run
 from .tracking import TRACKER_FOLDER, memory_in_use, memory_report
 
 LOG = logging.getLogger("train")
@@ -220,17 +221,19 @@ def create_scratch(accelerator: Accelerator, options: RunOptions) -> Path:
     process: the preflight's checkpoints go where the run's would, on the same file system."""
     created: list[object] = [None]
     if accelerator.is_main_process:
-        real = options.output_dir or default_run_dir(options.job_id, datetime.now().strftime("%Y%m%d-%H%M%S"))
-        real = Path(real)
-        try:
-            real.parent.mkdir(parents=True, exist_ok=True)
-            created[0] = tempfile.mkdtemp(prefix=f"{real.name}.preflight-", dir=real.parent)
-        except OSError as exc:
-            created[0] = OSError(f"cannot create the preflight's scratch directory next to {real}: "
-                                 f"{exc.strerror or exc}; choose another --output-dir")
+        real = Path(options.output_dir or default_run_dir(options.job_id, datetime.now().strftime("%Y%m%d-%H%M%S")))
+        problem = create_run_dir(real.parent)
+        if problem is None:
+            try:
+                created[0] = tempfile.mkdtemp(prefix=f"{real.name}.preflight-", dir=real.parent)
+            except OSError as exc:
+                problem = (exc.errno in (errno.ENOSPC, errno.EDQUOT), f"{real.parent}: {exc.strerror or exc}")
+        if problem is not None:
+            created[0] = (problem[0], f"cannot create the preflight's scratch directory next to {real}: {problem[1]}")
     broadcast_object_list(created, from_process=0)
-    if isinstance(created[0], OSError):
-        raise SharedUserError(str(created[0]))
+    if isinstance(created[0], tuple):
+        storage, message = created[0]
+        raise StorageError(message) if storage else SharedUserError(message)
     return Path(created[0])
 
 
@@ -375,7 +378,9 @@ def parse_slurm_time(text: str) -> float | None:
         return None
     if not 1 <= len(parts) <= 3:
         return None
-    if len(parts) == 1:
+    if len(parts) == 1 and days:
+        hours, minutes, seconds = parts[0], 0, 0  # days-hours
+    elif len(parts) == 1:
         hours, minutes, seconds = 0, parts[0], 0  # minutes alone
     elif len(parts) == 2 and not days:
         hours, minutes, seconds = 0, *parts  # minutes:seconds
@@ -434,25 +439,27 @@ def preflight(config: Config, options: RunOptions, steps: int = DEFAULT_STEPS, k
     stages, figures = Stages(accelerator), Figures()
     warm_up = max(steps // 3, 1)
     measured = max(steps - warm_up, SETTLING_STEPS + 2)
-    run: Run | None = None
+    run, mini, clock = None, None, None
     scratch = stages.run("scratch directory next to the run's", lambda: create_scratch(accelerator, options))
     started = stages.run("start: data opened and verified, model and optimizer built",
                          lambda: start_run(miniature(config), dataclasses.replace(options, output_dir=scratch,
                                                                                   resume=None), accelerator))
+    if started is not None:
+        run, state = started
+        mini, clock = MiniRun(run, state), StepClock(run.profiler, accelerator.device)
+        run.profiler = clock
     try:
-        if started is not None:
-            run, state = started
-            mini, clock = MiniRun(run, state), StepClock(run.profiler, accelerator.device)
-            run.profiler = clock
-            stages.run(f"train {warm_up} steps (warm-up)",
-                       lambda: Detailed(None, f"{mini.train(warm_up)} steps, {describe_settings(run)}"))
-            stages.run("checkpoint written and loaded back", lambda: checkpoint_round_trip(mini))
-            stages.run(f"train {measured} steps resumed from it, timed",
-                       lambda: timed_training(mini, clock, measured, figures))
-            stages.run("input pipeline alone vs model alone", lambda: pipeline_balance(mini, figures))
-            stages.run("evaluation on a slice of validation", lambda: miniature_evaluation(mini, figures))
-            stages.run("TensorBoard events written and read back", lambda: tensorboard_read_back(run))
-            stages.run("export written and loaded through timm", lambda: export_and_load(run))
+        # After a failure the stages left are listed as skipped; their work is not called.
+        stages.run(f"train {warm_up} steps (warm-up)",
+                   lambda: Detailed(None, f"{mini.train(warm_up)} steps, {describe_settings(run)}"))
+        stages.run("checkpoint written and loaded back", lambda: checkpoint_round_trip(mini))
+        stages.run(f"train {measured} steps resumed from it, timed",
+                   lambda: timed_training(mini, clock, measured, figures))
+        stages.run("input pipeline alone vs model alone", lambda: pipeline_balance(mini, figures))
+        stages.run("evaluation on a slice of validation", lambda: miniature_evaluation(mini, figures))
+        stages.run("TensorBoard events written and read back", lambda: tensorboard_read_back(run))
+        stages.run("export written and loaded through timm", lambda: export_and_load(run))
+        if run is not None:
             peak, capacity = memory_in_use(accelerator.device)
             usage = gather_object([(peak, capacity)]) if accelerator.num_processes > 1 else [(peak, capacity)]
             figures.memory_line, warning = memory_report("during the preflight", usage)
@@ -462,11 +469,12 @@ def preflight(config: Config, options: RunOptions, steps: int = DEFAULT_STEPS, k
         if run is not None:
             run.stop.uninstall()
             run.profiler.close()
-        accelerator.end_training()
+        close_trackers(accelerator)
         setup_logging(None, accelerator.is_main_process)  # train.log is in the scratch directory
         accelerator.wait_for_everyone()
         if scratch is not None and accelerator.is_main_process and not keep:
             shutil.rmtree(scratch, ignore_errors=True)
+        accelerator.end_training()  # the process group; the trackers are closed already
     if accelerator.is_main_process:
         print_report(stages, figures, config, run, accelerator, options, scratch, keep)
     failure = stages.failure
@@ -476,6 +484,16 @@ def preflight(config: Config, options: RunOptions, steps: int = DEFAULT_STEPS, k
         print(f"error: preflight failed at stage \"{failure.stage}\": {failure.message}", file=sys.stderr,
               flush=True)
     return failure.exit_status
+
+
+def close_trackers(accelerator: Accelerator) -> None:
+    """Close TensorBoard's writer before its folder goes; a failure here loses nothing the
+    preflight needs (its stage read the events back), so it is a warning."""
+    for tracker in accelerator.trackers:
+        try:
+            tracker.finish()
+        except Exception as exc:  # noqa: BLE001 - one line, the preflight's outcome stands
+            LOG.warning(f"warning: closing the {tracker.name} tracker failed: {first_line(exc)}")
 
 
 def describe_settings(run: Run) -> str:
