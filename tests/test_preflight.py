@@ -216,6 +216,24 @@ def drop_evaluation_logging(run) -> None:
     run.tracker.log_evaluation = lambda record: None
 
 
+def test_a_checkpoint_damaged_after_writing_fails_its_stage(tmp_path, monkeypatch, capsys):
+    """The checkpoint is read back, not only written: a weights file cut short after the save is found."""
+    real_save = preflight_module.save_checkpoint
+
+    def save_then_truncate(run, state) -> None:
+        real_save(run, state)
+        (weights,) = (run.run_dir / "checkpoints").glob("*/model.safetensors")
+        weights.write_bytes(weights.read_bytes()[:1000])
+
+    monkeypatch.setattr(preflight_module, "save_checkpoint", save_then_truncate)
+    folder = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(configs(tmp_path, folder) + ["--output-dir", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert_failed_at(STAGES[3], captured.out, captured.err)
+    assert "the checkpoint of step 2 was not found complete" in captured.err
+
+
 @pytest.mark.parametrize("stage, damage, status", [
     (STAGES[2], lambda folder: fail_training_step(after=1), 1),
     (STAGES[3], lambda folder: file_instead_of("checkpoints"), EXIT_IO_ERROR),
