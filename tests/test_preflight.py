@@ -7,11 +7,13 @@ run has started where the scratch directory must exist first.
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import (
     REPO,
     accelerate_launch,
@@ -214,6 +216,27 @@ def remove_validation_images(folder: Path):
 def drop_evaluation_logging(run) -> None:
     """The tracker loses the evaluation's values (nothing reaches the event file)."""
     run.tracker.log_evaluation = lambda record: None
+
+
+def test_training_resumes_from_what_the_checkpoint_holds(tmp_path, monkeypatch, capsys):
+    """Weights spoiled in memory just after the save: the load restores them, so training goes on
+    from the checkpoint and every later stage (the export compares outputs) is ok."""
+    real_save = preflight_module.save_checkpoint
+
+    def save_then_spoil(run, state) -> None:
+        real_save(run, state)
+        with torch.no_grad():
+            for parameter in run.model.parameters():
+                parameter.fill_(float("nan"))
+
+    monkeypatch.setattr(preflight_module, "save_checkpoint", save_then_spoil)
+    folder = make_image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(configs(tmp_path, folder) + ["--output-dir", str(out), "--preflight-keep"]) == 0
+    assert table(capsys.readouterr().out) == dict.fromkeys(STAGES, "ok")
+    (scratch,) = leftovers(out)
+    (record,) = read_metrics(scratch / "metrics.jsonl")
+    assert math.isfinite(record["val_loss"]) and math.isfinite(record["train_loss"])
 
 
 def test_a_checkpoint_damaged_after_writing_fails_its_stage(tmp_path, monkeypatch, capsys):
