@@ -174,6 +174,21 @@ def test_a_checkpoint_that_cannot_be_written_fails_its_stage_on_two_processes(ti
     assert leftovers(out) == []
 
 
+def test_a_failure_on_the_main_process_alone_stops_both(tiny_folder, tmp_path):
+    """The export is the main process's work: the other process learns of its failure and
+    stops with the same status, at the same stage."""
+    out, statuses = tmp_path / "out", tmp_path / "status"
+    statuses.mkdir()
+    command = accelerate_launch(2, free_port()) + [str(REPO / "tests" / "preflight_worker.py"), str(statuses),
+                                                   *configs(tmp_path, tiny_folder), "--output-dir", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert_failed_at(STAGES[8], result.stdout, result.stderr)
+    assert "process 0: " in result.stderr
+    assert sorted(p.read_text() for p in statuses.glob("*.exit")) == ["1", "1"]
+    assert leftovers(out) == []
+
+
 def injected(monkeypatch, damage) -> None:
     """``damage(run)`` right after the preflight's run has started (its scratch directory exists)."""
     real = preflight_module.start_run
