@@ -25,6 +25,7 @@ from helpers import (
     tiny_train_toml,
     write,
 )
+from test_launch import sbatch, slurm_env, submit_dir
 from test_storage_errors import limit_file_size
 from test_tracking import scalars
 
@@ -138,6 +139,19 @@ def test_two_processes_under_slurm_count_the_requeues(tiny_folder, tmp_path):
     requeues = int(re.search(r"job 4242's time limit 00:00:01: (\d+) requeue\(s\)", result.stdout).group(1))
     assert requeues >= 1 and abs(requeues - (wall - 1)) <= 1  # one job per second of the estimate
     assert leftovers(out) == []
+
+
+def test_the_slurm_wrapper_passes_the_flag_and_the_run_directory_stays_empty(tiny_folder, tmp_path):
+    """launch/2xCPU.sh under the SLURM stand-ins, --preflight added to the same command."""
+    root = submit_dir(tmp_path, tiny_folder, max_epochs=10)
+    env = slurm_env(root, job_id=4250, gpus_per_node=1, STANDIN_SQUEUE_TIME_LIMIT="1-00:00:00")
+    result = sbatch(root, "2xCPU", env, "--preflight", "--preflight-steps", "8")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert table(result.stdout) == dict.fromkeys(STAGES, "ok"), result.stdout
+    assert "2 process(es) on cpu" in result.stdout
+    assert "job 4250's time limit 1-00:00:00: 0 requeue(s), 1 job(s) in all" in result.stdout
+    assert list((root / "runs").iterdir()) == []  # neither runs/4250 nor its scratch directory is left
+    assert not (root / "scontrol.log").exists()
 
 
 # ------------------------------------------------------------------------- failures, stage by stage
