@@ -32,7 +32,7 @@ from test_tracking import scalars
 from train import preflight as preflight_module
 from train.cli import main
 from train.errors import EXIT_IO_ERROR, EXIT_USER_ERROR
-from train.preflight import parse_slurm_time
+from train.preflight import contention_note, parse_slurm_time
 from train.rundir import read_metrics
 
 STANDINS = REPO / "tests" / "slurm_standins"
@@ -344,3 +344,10 @@ def test_preflight_steps_below_the_minimum_are_refused(capsys):
     assert exit_info.value.code == 2
     assert "--preflight-steps 3: at least 6" in capsys.readouterr().err
 
+
+
+def test_contention_between_loader_and_model_is_noted():
+    """46 img/s training against a loader at 2741 and a model at 500 alone (the README's run)."""
+    note = contention_note(46.0, 2741.0, 500.0)
+    assert note is not None and "(46.0 img/s per process)" in note and "alone (500.0)" in note
+    assert contention_note(300.0, 2741.0, 500.0) is None  # 60% of the slower alone: what overlap costs

@@ -68,6 +68,9 @@ DEFAULT_STEPS = 30
 SETTLING_STEPS = 2
 VALIDATION_BATCHES = 4  # per process: the slice of the validation set evaluated
 BALANCE_STEPS = 10  # loader alone / training on a batch in memory: steps of each
+# Real-data training below this share of the slower of loader alone and model alone: they
+# contend for something (CPU cores, memory bandwidth), and the report says so.
+CONTENTION_SHARE = 0.5
 # BatchNorm recalibration in miniature: this many global batches of training images.
 STATS_BATCHES = 2
 
@@ -302,8 +305,24 @@ def pipeline_balance(mini: MiniRun, figures: Figures) -> Detailed:
                                    micro * loaders.micro_batches_per_step)
     figures.loader_images_per_s, figures.synthetic_images_per_s = slowest(accelerator, [loader_rate, synthetic])
     bound = "the input pipeline" if figures.loader_images_per_s < figures.synthetic_images_per_s else "the model"
+    if figures.seconds_per_step is not None:
+        note = contention_note(train.batch_size / accelerator.num_processes / figures.seconds_per_step,
+                               figures.loader_images_per_s, figures.synthetic_images_per_s)
+        if note:
+            figures.notes.append(note)
     return Detailed(None, f"bound by {bound}: loader alone {figures.loader_images_per_s:.1f} img/s, training on "
                           f"a batch in memory {figures.synthetic_images_per_s:.1f} img/s (per process)")
+
+
+def contention_note(together: float, loader: float, model: float) -> str | None:
+    """A note when training on real data (img/s per process) is far slower than the loader
+    and the model each alone, else None."""
+    alone = min(loader, model)
+    if together >= CONTENTION_SHARE * alone:
+        return None
+    return (f"training on the real data ({together:.1f} img/s per process) is far slower than the loader and the "
+            f"model each alone ({alone:.1f}): they compete for the same CPU cores, or other work shares the machine; "
+            "fewer loader workers, or more cores per process, may help")
 
 
 def miniature_evaluation(mini: MiniRun, figures: Figures) -> Detailed:
