@@ -71,9 +71,11 @@ fi
 
 output_dir=runs/$SLURM_JOB_ID
 previous=
+preflight=0
 for arg in "$@"; do  # a run directory given (a sweep task's, a run resubmitted by hand) is the one
     if [[ "$previous" == --output-dir ]]; then output_dir=$arg; fi
     if [[ "$arg" == --output-dir=* ]]; then output_dir=${arg#--output-dir=}; fi
+    if [[ "$arg" == --preflight ]]; then preflight=1; fi
     previous=$arg
 done
 # scontrol given an array's own job id acts on every task of the array, and that id is also
@@ -82,7 +84,10 @@ job=$SLURM_JOB_ID
 if [[ -n "${SLURM_ARRAY_JOB_ID:-}" && -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
     job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
 fi
-launcher_args+=(--config-dir "$output_dir/launch")
+# A preflight writes nothing into the run directory: the node configs go to a temporary folder.
+if (( ! preflight )); then
+    launcher_args+=(--config-dir "$output_dir/launch")
+fi
 if [[ -n "${MIXED_PRECISION:-}" ]]; then
     if [[ ! "$MIXED_PRECISION" =~ ^(bf16|fp16|no)$ ]]; then
         echo "error: MIXED_PRECISION=$MIXED_PRECISION: expected bf16, fp16 or no" >&2

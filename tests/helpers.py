@@ -110,7 +110,7 @@ def accelerate_launch(num_processes: int, port: int) -> list[str]:
     return [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(port)]
 
 
-TIMING = {"epoch_time_s", "train_time_s", "images_per_s"}
+TIMING = {"epoch_time_s", "train_time_s", "images_per_s", "eval_time_s", "eta_s", "gpu_hours"}
 
 
 def without_timing(records: list[dict]) -> list[dict]:

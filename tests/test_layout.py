@@ -17,10 +17,11 @@ PACKAGE = REPO / "train"
 LAYERS = {
     "base": ["errors", "files", "config"],
     "parts": ["data", "optim", "models", "checkpoint", "export", "validation", "tracking", "progress",
-              "preemption", "rundir", "micro_batch", "initial_weights", "profiling", "wandb_tracking"],
+              "preemption", "rundir", "micro_batch", "initial_weights", "profiling", "wandb_tracking", "cost"],
     "startup": ["startup"],
     "loop": ["loop"],
-    "entry points": ["cli", "__main__", "evaluate", "hub", "report", "sweep", "benchmark", "dataset_tools"],
+    "entry points": ["cli", "__main__", "evaluate", "hub", "report", "sweep", "benchmark", "dataset_tools",
+                     "preflight"],
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 

@@ -25,7 +25,8 @@ from train.rundir import read_metrics
 from train.tracking import MEMORY_WARNING_SHARE, TRACKER_FOLDER, flatten_config, memory_report
 
 TRAIN_TAGS = {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "train/peak_rss_gib"}
-EVAL_TAGS = {"val/loss", "val/acc1", "val/acc5", "train/epoch_loss", "train/epoch", "time/epoch_s", "time/train_s"}
+EVAL_TAGS = {"val/loss", "val/acc1", "val/acc5", "train/epoch_loss", "train/epoch", "time/epoch_s", "time/train_s",
+             "time/eval_s", "time/eta_s", "cost/gpu_hours"}
 
 
 def configs(tmp_path: Path, folder: Path, **train_overrides) -> list[str]:
@@ -83,7 +84,8 @@ def test_tensorboard_evaluations_equal_the_metrics_file(tiny_run):
     logged = scalars(out)
     records = read_metrics(out / "metrics.jsonl")
     pairs = {"val/loss": "val_loss", "val/acc1": "val_acc1", "val/acc5": "val_acc5", "train/epoch_loss": "train_loss",
-             "train/epoch": "epoch", "time/epoch_s": "epoch_time_s", "time/train_s": "train_time_s"}
+             "train/epoch": "epoch", "time/epoch_s": "epoch_time_s", "time/train_s": "train_time_s",
+             "time/eval_s": "eval_time_s", "time/eta_s": "eta_s", "cost/gpu_hours": "gpu_hours"}
     for tag, key in pairs.items():
         assert [step for step, _ in logged[tag]] == [r["step"] for r in records] == [3, 6]
         assert [v for _, v in logged[tag]] == pytest.approx([r[key] for r in records], rel=1e-6), tag

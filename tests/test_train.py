@@ -11,8 +11,8 @@ from train.cli import main
 from train.rundir import read_metrics
 
 REQUIRED = {"epoch", "step", "train_loss", "val_loss", "val_acc1", "val_acc5", "val_samples", "lr",
-            "epoch_time_s", "train_time_s", "images_per_s"}
-TIMING = {"epoch_time_s", "train_time_s", "images_per_s"}
+            "epoch_time_s", "train_time_s", "images_per_s", "eval_time_s", "eta_s", "gpu_hours"}
+TIMING = {"epoch_time_s", "train_time_s", "images_per_s", "eval_time_s", "eta_s", "gpu_hours"}
 
 
 def tiny_configs(tmp_path, folder, workers=0, **train_overrides):

@@ -54,6 +54,7 @@ class TrainerState:
     epoch: int = 0  # the epoch in progress (0-based); == max_epochs when finished
     step: int = 0  # optimizer steps done before the epoch in progress
     train_time_s: float = 0.0  # training time before the current epoch
+    eval_time_s: float = 0.0  # time spent in evaluations so far (0 in checkpoints written before it was recorded)
     metrics: list[dict] = field(default_factory=list)  # every evaluation record so far
     class_names: list[str] = field(default_factory=list)  # class index -> folder name, for exports
     # class index -> readable name (classes.tsv), for exports; empty when unknown, and in

@@ -18,6 +18,7 @@ from .config import Config, describe_source, load_config
 from .errors import EXIT_IO_ERROR, EXIT_USER_ERROR, SharedUserError, StorageError, UserError, first_line
 from .loop import fit
 from .preemption import EXIT_PREEMPTED, Preempted
+from .preflight import DEFAULT_STEPS, preflight
 from .startup import RunOptions
 
 DEFAULTS = Path(__file__).parent / "defaults"
@@ -41,7 +42,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "command again resumes from its newest checkpoint")
     parser.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",
                         help="resume from this checkpoint folder (RUN/checkpoints/<step>) instead")
-    return parser.parse_args(argv)
+    parser.add_argument("--preflight", action="store_true",
+                        help="run every stage of the run in miniature (a few steps, a checkpoint and resume, an "
+                             "evaluation on a slice, the export), print each stage's result and an estimate of the "
+                             "full run's time and GPU-hours, and exit; writes nothing into the run directory")
+    parser.add_argument("--preflight-steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                        help=f"--preflight: training steps in all (default {DEFAULT_STEPS}; a third warm up)")
+    parser.add_argument("--preflight-keep", action="store_true",
+                        help="--preflight: keep its scratch directory (next to the run directory) for inspection")
+    args = parser.parse_args(argv)
+    if args.preflight_steps < 6:
+        parser.error(f"--preflight-steps {args.preflight_steps}: at least 6 (warm-up, then steps to time)")
+    return args
 
 
 def load_checked_config(data_cfg: Path, train_cfg: Path, overrides: list[str], num_processes: int) -> Config:
@@ -76,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions(output_dir=args.output_dir, job_id=os.environ.get("SLURM_JOB_ID") or None,
                          launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION") or None,
                          resume=args.resume, command=" ".join(["python -m train", *map(shlex.quote, argv_used)]))
+    if args.preflight:
+        return preflight(config, options, args.preflight_steps, args.preflight_keep)
     try:
         fit(config, options)
     except Preempted as exc:

@@ -12,10 +12,11 @@ import dataclasses
 import itertools
 import logging
 import time
+from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, cost
 from .checkpoint import EpochState
 from .config import Config
 from .data import to_device
@@ -24,7 +25,7 @@ from .models import bare_model
 from .optim import reported_lr
 from .optim.batchnorm import recompute_running_stats
 from .preemption import Action, Preempted
-from .progress import EpochProgress, run_summary
+from .progress import EpochProgress, format_duration, run_summary
 from .startup import Run, RunOptions, start_run
 from .validation import evaluate
 
@@ -63,11 +64,12 @@ def fit(config: Config, options: RunOptions) -> dict:
     return finish(run)
 
 
-def train_one_epoch(run: Run, state: EpochState) -> bool:
+def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bool:
     """Continue the current epoch from ``state`` over this process's shard; ``state`` is updated.
 
     After each step the checkpoint policy may ask for a checkpoint or for a stop (a signal).
-    Returns False when stopped before the epoch's end.
+    Returns False when stopped before the epoch's end. ``until``: end the pass once the epoch
+    has this many steps done (the preflight's few steps), else at the epoch's end.
     """
     train, accelerator, loaders = run.config.train, run.accelerator, run.loaders
     loaders.set_epoch(run.trainer.epoch, state.batches_done)
@@ -105,6 +107,8 @@ def train_one_epoch(run: Run, state: EpochState) -> bool:
                 save_checkpoint(run, state)
                 if action & Action.STOP:
                     return False
+            if state.batches_done == until:
+                break
     finally:
         progress.close()
     state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
@@ -133,25 +137,40 @@ def recompute_batchnorm(run: Run) -> int:
 
 
 def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) -> None:
-    """Validation metrics for the epoch just trained: in metrics.jsonl, TensorBoard and the log."""
-    train, trainer = run.config.train, run.trainer
+    """Validation metrics for the epoch just trained, with the time left and the device-hours
+    spent so far (``cost.py``): in metrics.jsonl, TensorBoard and the log."""
+    train, trainer, accelerator = run.config.train, run.trainer, run.accelerator
     last = trainer.epoch == train.max_epochs
+    started = time.perf_counter()
     # The evaluated weights stay in the model until the next epoch's training, or for the export.
     bn_samples = run.weights.before_evaluation(lambda: recompute_batchnorm(run),
                                                statistics_asked=last and train.recompute_bn_before_final_eval)
-    val = evaluate(run.model, run.loaders.val, run.accelerator, train.label_smoothing, run.config.data.num_classes,
+    val = evaluate(run.model, run.loaders.val, accelerator, train.label_smoothing, run.config.data.num_classes,
                    train.channels_last)
+    eval_time = time.perf_counter() - started
+    trainer = run.trainer = dataclasses.replace(trainer, eval_time_s=trainer.eval_time_s + eval_time)
     steps, epoch_time = epoch_state.batches_done, epoch_state.seconds
+    steps_left = (train.max_epochs - trainer.epoch) * run.loaders.steps_per_epoch
+    eta = cost.time_left_s(steps_left, epoch_time / max(steps, 1),
+                           cost.evaluations_left(trainer.epoch, train.max_epochs, train.eval_freq), eval_time)
     record = {"epoch": trainer.epoch, "step": trainer.step, "train_loss": train_loss, **val,
               "lr": reported_lr(run.optimizer), "epoch_time_s": epoch_time, "train_time_s": trainer.train_time_s,
-              "images_per_s": steps * train.batch_size / epoch_time, "bn_stats_samples": bn_samples}
+              "images_per_s": steps * train.batch_size / epoch_time, "bn_stats_samples": bn_samples,
+              "eval_time_s": eval_time, "eta_s": eta,
+              "gpu_hours": cost.device_hours(trainer.train_time_s + trainer.eval_time_s, accelerator.num_processes)}
     trainer.metrics.append(record)
-    if run.accelerator.is_main_process:
+    if accelerator.is_main_process:
         run.metrics_log.append(record)
     run.tracker.log_evaluation(record)
     LOG.info(f"epoch {trainer.epoch}/{train.max_epochs} step {trainer.step}: train loss {train_loss:.4f}, "
              f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, top-5 {val['val_acc5']:.2f}% "
-             f"({val['val_samples']} images), {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s")
+             f"({val['val_samples']} images), {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s; "
+             f"run eta {format_duration(eta)}, {record['gpu_hours']:.3f} {hours_unit(accelerator)} so far")
+
+
+def hours_unit(accelerator) -> str:
+    """What one process's hour is: a GPU's, or on the CPU a process's."""
+    return "GPU-hours" if accelerator.device.type == "cuda" else "process-hours"
 
 
 def save_checkpoint(run: Run, state: EpochState) -> None:
@@ -170,11 +189,18 @@ def finish(run: Run) -> dict:
     trainer, accelerator = run.trainer, run.accelerator
     record = trainer.metrics[-1] if trainer.metrics else {}
     if accelerator.is_main_process and record:
-        model_dir = write_model_folder(run.run_dir / "model", bare_model(accelerator, run.model), run.config,
-                                       tuple(trainer.class_names), trainer.metrics, run.options.command,
-                                       tuple(trainer.class_descriptions))
+        model_dir = export_model(run)
         LOG.info(run_summary(record, trainer.metrics, run.config.train.max_epochs, run.run_dir,
-                             checkpoint.list_checkpoints(run.run_dir), model_dir, run.tracker.log_dir))
+                             checkpoint.list_checkpoints(run.run_dir), model_dir, run.tracker.log_dir,
+                             hours_unit(accelerator)))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
+
+
+def export_model(run: Run) -> Path:
+    """The model's current weights as a timm model folder, ``<run>/model`` (main process only)."""
+    trainer = run.trainer
+    return write_model_folder(run.run_dir / "model", bare_model(run.accelerator, run.model), run.config,
+                              tuple(trainer.class_names), trainer.metrics, run.options.command,
+                              tuple(trainer.class_descriptions))

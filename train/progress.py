@@ -88,8 +88,8 @@ class EpochProgress:
 
 
 def run_summary(record: dict, metrics: list[dict], max_epochs: int, run_dir: Path, checkpoints: list[Path],
-                model_dir: Path, tensorboard_dir: Path) -> str:
-    """The screen printed when a run has finished: results, time, and where everything is."""
+                model_dir: Path, tensorboard_dir: Path, hours_unit: str = "GPU-hours") -> str:
+    """The screen printed when a run has finished: results, time, cost, and where everything is."""
     best = max(metrics, key=lambda r: r["val_acc1"])
     run_dir = run_dir.resolve()
     kept = ", ".join(p.name for p in checkpoints) or "none"
@@ -105,4 +105,7 @@ def run_summary(record: dict, metrics: list[dict], max_epochs: int, run_dir: Pat
         f"               load: timm.create_model(\"local-dir:{model_dir.resolve()}\", pretrained=True)",
         f"  tensorboard  tensorboard --logdir {tensorboard_dir.resolve()}",
     ]
+    if "gpu_hours" in record:  # absent from records of runs made before it was measured
+        lines.insert(1, f"  cost         {record['gpu_hours']:.3f} {hours_unit} in all "
+                        "(training and evaluation time x processes)")
     return "\n".join(lines)

@@ -218,10 +218,13 @@ def open_run_dir(config: Config, options: RunOptions, accelerator: Accelerator) 
     return run_dir, resume_from
 
 
-def start_run(config: Config, options: RunOptions) -> tuple[Run, EpochState]:
-    """Everything ready for the first (or resumed) step, and this process's position in the epoch."""
+def start_run(config: Config, options: RunOptions, accelerator: Accelerator | None = None) -> tuple[Run, EpochState]:
+    """Everything ready for the first (or resumed) step, and this process's position in the epoch.
+
+    ``accelerator``: one made already by ``make_accelerator`` (the preflight needs its processes
+    to agree on a scratch directory before the run starts)."""
     train = config.train
-    accelerator = make_accelerator(train, options)
+    accelerator = accelerator or make_accelerator(train, options)
     run_dir, resume_from = open_run_dir(config, options, accelerator)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")
     set_seed(train.reproduce.seed)

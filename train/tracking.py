@@ -10,7 +10,9 @@ What is written (step = optimizer steps so far):
   peak resident set size) on the CPU;
 - every evaluation: ``val/loss``, ``val/acc1``, ``val/acc5`` (percent), ``train/epoch_loss``,
   ``train/epoch``, ``time/epoch_s`` and ``time/train_s`` (training time so far, evaluation
-  excluded), the same numbers as the record in ``metrics.jsonl``;
+  excluded), ``time/eval_s`` (that evaluation), ``time/eta_s`` (the estimated time to the run's
+  end) and ``cost/gpu_hours`` (device-hours so far; process-hours on the CPU: see ``cost.py``),
+  the same numbers as the record in ``metrics.jsonl``;
 - once per start: the flattened config (``train.optim.momentum`` = 0.9, ...) as hyperparameters.
 
 In the log: every process's peak memory at the first log step and at each evaluation, with a
@@ -167,4 +169,5 @@ class RunTracker:
             "val/loss": record["val_loss"], "val/acc1": record["val_acc1"], "val/acc5": record["val_acc5"],
             "train/epoch_loss": record["train_loss"], "train/epoch": record["epoch"],
             "time/epoch_s": record["epoch_time_s"], "time/train_s": record["train_time_s"],
+            "time/eval_s": record["eval_time_s"], "time/eta_s": record["eta_s"], "cost/gpu_hours": record["gpu_hours"],
         }, step=record["step"])
