@@ -148,3 +148,20 @@ def test_time_based_checkpoints_are_taken_at_an_agreement(monkeypatch):
             policy.saved()
     assert checkpoints and all(b - a <= 60 + preemption.AGREE_EVERY_S for a, b in zip([0, *checkpoints],
                                                                                      checkpoints))
+
+
+def test_a_child_forked_with_the_handler_leaves_the_stop_to_the_trainer():
+    """A loader worker forked while the trainer's handler is installed and signalled before its
+    worker_init_fn runs (SLURM signals every process of a job at once): it neither records nor
+    reports the stop; the trainer does, once per rank."""
+    requests = StopRequests().install()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child, with the inherited handler
+            os.kill(os.getpid(), signal.SIGTERM)
+            os._exit(0 if requests.received is None else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        requests.uninstall()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert requests.received is None  # nothing reached the trainer itself

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import time
 
@@ -42,8 +43,13 @@ class StopRequests:
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A child forked with this handler (a loader worker that has not yet run its
+            # worker_init_fn): the stop is the trainer's to act on and to report.
+            return
         if self.received is None:
             LOG.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint")
         self.received = signum
