@@ -25,39 +25,42 @@ from train.config import Config, load_config
 SHIPPED_DATA = REPO / "configs" / "data"
 SHIPPED_TRAIN = REPO / "configs" / "train"
 
+# What a passing test wrote is removed when it is no longer needed (folder_cleanup.py says why).
+pytest_plugins = ["folder_cleanup"]
+
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory) -> Path:
+def tiny_folder(session_folder) -> Path:
     """3 classes, 8 train images each, 15 val images (odd, so 2 processes get unequal shards)."""
-    return make_image_folder(tmp_path_factory.mktemp("tiny") / "imagenet")
+    return make_image_folder(session_folder("tiny") / "imagenet")
 
 
 @pytest.fixture(scope="session")
-def reference_run(tiny_folder, tmp_path_factory) -> Path:
+def reference_run(tiny_folder, session_folder) -> Path:
     """A finished tiny run on the HF loader (4 epochs of 3 steps, checkpoints every 2 steps), shared
     by the checkpoint and export tests."""
-    tmp = tmp_path_factory.mktemp("reference")
+    tmp = session_folder("reference")
     return launched_run(checkpointing_configs(tmp, tiny_folder), tmp / "out").dir
 
 
-def two_process_reference(tmp_path_factory, folder: Path, loader: str) -> LaunchedRun:
+def two_process_reference(session_folder, folder: Path, loader: str) -> LaunchedRun:
     """A tiny run on 2 processes through `accelerate launch`: 2 epochs of 3 steps (lr 0.02),
     checkpoints every 2 steps, one loader worker per process."""
-    tmp = tmp_path_factory.mktemp(f"two_processes_{loader}")
+    tmp = session_folder(f"two_processes_{loader}")
     args = run_configs(tmp, folder, tiny_train_toml(max_epochs=2, lr=0.02), loader, workers=1)
     return launched_run(args, tmp / "out", accelerate_launch(2, port=free_port()), XDG_CACHE_HOME=str(tmp / "cache"))
 
 
 @pytest.fixture(scope="session")
-def two_process_run(tiny_folder, tmp_path_factory) -> LaunchedRun:
+def two_process_run(tiny_folder, session_folder) -> LaunchedRun:
     """HF loader."""
-    return two_process_reference(tmp_path_factory, tiny_folder, "hf")
+    return two_process_reference(session_folder, tiny_folder, "hf")
 
 
 @pytest.fixture(scope="session")
-def two_process_dali_run(tiny_folder, tmp_path_factory) -> LaunchedRun:
+def two_process_dali_run(tiny_folder, session_folder) -> LaunchedRun:
     """DALI loader reading the folder."""
-    return two_process_reference(tmp_path_factory, tiny_folder, "dali")
+    return two_process_reference(session_folder, tiny_folder, "dali")
 
 
 @pytest.fixture(scope="session")
