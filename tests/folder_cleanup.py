@@ -9,6 +9,7 @@ module wrote stays, to be read.
 """
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,15 @@ def session_folder(tmp_path_factory):
         SESSION_FOLDERS.add(path)
         return path
     return make
+
+
+def pytest_report_header(config):
+    """The free space where the folders go, printed first: a CI log then says whether a run that
+    went wrong had run out of disk."""
+    base = Path(config.option.basetemp or tempfile.gettempdir())
+    where = base if base.exists() else base.parent
+    free = shutil.disk_usage(where).free / 2**30
+    return f"temporary folders under {base}: {free:.1f} GiB free (a full pass of this suite needs about 1.5 GiB)"
 
 
 @pytest.hookimpl(wrapper=True)
