@@ -165,3 +165,59 @@ def test_a_child_forked_with_the_handler_leaves_the_stop_to_the_trainer():
         requests.uninstall()
     assert os.waitstatus_to_exitcode(status) == 0
     assert requests.received is None  # nothing reached the trainer itself
+
+
+@pytest.fixture
+def signal_handlers_restored():
+    """The test process's own handlers back after a test (StopRequests leaves the stop signals
+    ignored once one has been received)."""
+    before = {sig: signal.getsignal(sig) for sig in preemption.STOP_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def test_a_second_signal_while_the_first_is_reported_is_not_reported_again(monkeypatch, signal_handlers_restored):
+    """Under scancel a trainer gets SIGTERM three times within milliseconds (from SLURM, from the
+    node launcher, from torchrun's agent). Python runs a handler again, nested, when a signal
+    arrives while the first handler still runs (here: while it logs): the stop is still reported
+    once."""
+    reported = []
+
+    def warning_while_another_signal_arrives(message, *args, **kwargs):
+        reported.append(message)
+        if len(reported) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode boundary, in here
+            for _ in range(1000):  # calls: points where Python runs pending handlers
+                len(reported)
+
+    monkeypatch.setattr(preemption.LOG, "warning", warning_while_another_signal_arrives)
+    requests = StopRequests().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            len(reported)
+    finally:
+        requests.uninstall()
+    assert requests.received == signal.SIGTERM
+    assert len(reported) == 1, reported
+
+
+def test_a_preflight_notes_time_limit_warnings_and_still_stops_on_sigterm(signal_handlers_restored):
+    """stop_on_warnings=False: SIGUSR1 and SIGUSR2 are noted in ``warned``; SIGTERM (scancel, the
+    limit itself) still stops. A training run's requests stop on all three."""
+    preflight = StopRequests(stop_on_warnings=False).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert (preflight.received, preflight.warned) == (None, signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preflight.received == signal.SIGTERM
+    finally:
+        preflight.uninstall()
+    training = StopRequests().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert (training.received, training.warned) == (signal.SIGUSR1, None)
+    finally:
+        training.uninstall()

@@ -8,7 +8,9 @@ run has started where the scratch directory must exist first.
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from test_tracking import scalars
 from train import preflight as preflight_module
 from train.cli import main
 from train.errors import EXIT_IO_ERROR, EXIT_USER_ERROR
+from train.loop import train_one_epoch
 from train.preflight import contention_note, parse_slurm_time
 from train.rundir import read_metrics
 
@@ -351,3 +354,22 @@ def test_contention_between_loader_and_model_is_noted():
     note = contention_note(46.0, 2741.0, 500.0)
     assert note is not None and "(46.0 img/s per process)" in note and "alone (500.0)" in note
     assert contention_note(300.0, 2741.0, 500.0) is None  # 60% of the slower alone: what overlap costs
+
+
+def test_slurms_time_limit_warning_is_noted_and_the_preflight_goes_on(tiny_folder, tmp_path, monkeypatch, capsys):
+    """SIGUSR1 during training (as SLURM sends it at once when the job's time limit is not longer
+    than the warning's lead): every stage still ok, a note in the report, status 0."""
+    sent = []
+
+    def train_one_epoch_after_a_warning(*args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGUSR1))
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(preflight_module, "train_one_epoch", train_one_epoch_after_a_warning)
+    status = main(configs(tmp_path, tiny_folder) + ["--output-dir", str(tmp_path / "out")])
+    stdout = capsys.readouterr().out
+    assert status == 0, stdout
+    assert sent and table(stdout) == dict.fromkeys(STAGES, "ok"), stdout
+    assert "note: SIGUSR1 arrived during the preflight and was noted, not obeyed" in stdout
+    assert leftovers(tmp_path / "out") == []

@@ -20,6 +20,7 @@ skipped with the reason; with REQUIRE_REAL_SLURM=1 (``.ci/run`` sets it) they fa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, clean_env, data_toml, make_image_folder, tiny_train_toml, without_timing, write
 from slurm_cluster import ClusterUnavailable, SlurmCluster, missing_requirements
+from test_preflight import STAGES, table
 
 from train.rundir import read_metrics
 
@@ -125,16 +127,18 @@ def client_env(cluster: SlurmCluster, **extra) -> dict:
     return env
 
 
-def submit(cluster: SlurmCluster, root: Path, folder: Path, *args: str, **train) -> Job:
-    """``sbatch launch/2xCPU.sh data.toml train.toml ARGS`` from ``root``, as from a clone's root."""
+def submit(cluster: SlurmCluster, root: Path, folder: Path, *args: str, sbatch_options: tuple[str, ...] = (),
+           **train) -> Job:
+    """``sbatch [OPTIONS] launch/2xCPU.sh data.toml train.toml ARGS`` from ``root``, as from a clone's root."""
     root.mkdir(parents=True)
     (root / "launch").symlink_to(REPO / "launch")
     write(root / "data.toml", data_toml(folder, workers=1))
     values = {"max_epochs": EPOCHS, "lr": 0.02, **train}
     # [log] is the last table: only the end of the run and a stop write checkpoints.
     write(root / "train.toml", tiny_train_toml(**values) + "checkpoint_freq = 1000\n")
-    result = subprocess.run(["sbatch", "--parsable", "launch/2xCPU.sh", "data.toml", "train.toml", *args], cwd=root,
-                            env=client_env(cluster, PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    command = ["sbatch", "--parsable", *sbatch_options, "launch/2xCPU.sh", "data.toml", "train.toml", *args]
+    result = subprocess.run(command, cwd=root, env=client_env(cluster, PYTHON=sys.executable), capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return Job(cluster, root, result.stdout.strip().split(";")[0])
 
@@ -170,6 +174,11 @@ def jobs(cluster, tmp_path_factory) -> dict[str, tuple[Job, Future]]:
         "usr1": (submit(cluster, base / "usr1", folder), preempted_by_usr1),
         "scancel": (submit(cluster, base / "scancel", folder, max_epochs=100), cancelled),
         "fails": (submit(cluster, base / "fails", folder, "--set", "train.lr=-1"), Job.wait_until_gone),
+        # A 10-minute limit against a run of 3000 epochs: the estimate needs requeues. The limit is
+        # not longer than the profile's warning lead (USR1@600): SLURM warns at once. (The job waits
+        # for CPUs until the failing one has ended.)
+        "preflight": (submit(cluster, base / "preflight", folder, "--preflight", "--preflight-steps", "8",
+                             sbatch_options=("--time=10",), max_epochs=3000), completes),
     }
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
         yield {name: (job, pool.submit(drive, job)) for name, (job, drive) in submitted.items()}
@@ -229,6 +238,27 @@ def test_plain_scancel_with_loader_workers_checkpoints_and_is_not_requeued(jobs)
     assert len(checkpoints) == 1 and int(checkpoints[0].name) > job.metrics()[0]["step"]
     assert f"checkpoint: runs/{job.id}/checkpoints/{checkpoints[0].name}" in log
     assert "requeueing" not in output
+
+
+def test_a_preflight_job_estimates_its_requeues_from_the_jobs_time_limit(jobs):
+    """``--preflight`` through the wrapper: every stage ok despite SLURM's time-limit warning, the
+    time limit read from SLURM itself (squeue), the requeues that limit implies, and nothing left
+    in the run directory."""
+    job, record = outcome(jobs, "preflight")
+    output = job.shown_output()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0")
+    assert table(output) == dict.fromkeys(STAGES, "ok"), output
+    assert "received SIGUSR1: asking training to write a checkpoint and stop" in output  # the batch shell
+    assert output.count("received SIGUSR1, a warning of the job's time limit: noted, not stopping") == 2
+    assert "note: SIGUSR1 arrived during the preflight and was noted, not obeyed" in output
+    hours, minutes, seconds = map(int, re.search(r"wall time (\d+):(\d\d):(\d\d)", output).groups())
+    wall = hours * 3600 + minutes * 60 + seconds
+    found = re.search(rf"job {job.id}'s time limit 10:00: (\d+) requeue\(s\), (\d+) job\(s\) in all", output)
+    assert found, output
+    requeues, jobs_in_all = int(found[1]), int(found[2])
+    assert requeues >= 1 and jobs_in_all == requeues + 1
+    assert abs(requeues - (math.ceil(wall / 600) - 1)) <= 1  # the printed wall time is rounded to the second
+    assert list((job.root / "runs").iterdir()) == []  # neither runs/<id> nor its scratch directory
 
 
 def test_a_failing_config_fails_and_is_not_requeued(jobs):

@@ -22,6 +22,9 @@ LOG = logging.getLogger("train")
 # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later".
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# What SLURM sends ahead of a job's time limit (#SBATCH --signal=B:USR1@600 in launch/): a
+# warning, where SIGTERM is an order (scancel, or the limit itself).
+TIME_LIMIT_WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 # Processes agree on stopping about this often (and at least every log_freq steps): a stop
 # signal is acted on within seconds, and a GPU run rarely waits on the host for it.
 AGREE_EVERY_S = 10.0
@@ -38,10 +41,16 @@ class Action(enum.IntFlag):
 
 
 class StopRequests:
-    """Catches the stop signals for as long as it is installed."""
+    """Catches the stop signals for as long as it is installed.
 
-    def __init__(self):
+    ``stop_on_warnings=False`` (a preflight) only notes a time-limit warning in ``warned``: a
+    preflight is minutes long and has nothing to save, and a job whose time limit is shorter
+    than the warning's lead gets the warning as soon as it starts."""
+
+    def __init__(self, stop_on_warnings: bool = True):
         self.received: int | None = None
+        self.warned: int | None = None
+        self.stop_on_warnings = stop_on_warnings
         self._previous = {}
         self._pid = os.getpid()
 
@@ -50,9 +59,20 @@ class StopRequests:
             # A child forked with this handler (a loader worker that has not yet run its
             # worker_init_fn): the stop is the trainer's to act on and to report.
             return
-        if self.received is None:
-            LOG.warning(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint")
+        name = signal.Signals(signum).name
+        # Recorded before it is reported: a second signal arriving while this handler logs runs
+        # the handler again, nested (scancel's SIGTERM comes three times within milliseconds: from
+        # SLURM, the node launcher and torchrun's agent), and must find the stop already taken.
+        if signum in TIME_LIMIT_WARNINGS and not self.stop_on_warnings:
+            first = self.warned is None
+            self.warned = signum
+            if first:
+                LOG.warning(f"received {name}, a warning of the job's time limit: noted, not stopping")
+            return
+        first = self.received is None
         self.received = signum
+        if first:
+            LOG.warning(f"received {name}: stopping after this step with a checkpoint")
 
     def describe(self) -> str:
         """What stopped this process: its own signal, or another process's."""

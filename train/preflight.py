@@ -34,6 +34,7 @@ import errno
 import itertools
 import logging
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -424,6 +425,13 @@ def slurm_time_limit_s(job_id: str) -> tuple[float | None, str]:
     return limit, f"job {job_id}'s time limit {text}"
 
 
+def time_limit_warning_note(signum: int) -> str:
+    name = signal.Signals(signum).name
+    return (f"{name} arrived during the preflight and was noted, not obeyed. SLURM sends it ahead of the job's "
+            f"time limit (the launch/ profiles ask for it 600 s ahead): a training job whose limit is not "
+            f"longer than that lead is told to stop as soon as it starts, and again after every requeue.")
+
+
 # ---------------------------------------------------------------------------------- report
 
 
@@ -460,9 +468,10 @@ def preflight(config: Config, options: RunOptions, steps: int = DEFAULT_STEPS, k
     measured = max(steps - warm_up, SETTLING_STEPS + 2)
     run, mini, clock = None, None, None
     scratch = stages.run("scratch directory next to the run's", lambda: create_scratch(accelerator, options))
+    # A time-limit warning is noted, not obeyed: a preflight has nothing to save (StopRequests).
+    scratch_options = dataclasses.replace(options, output_dir=scratch, resume=None, stop_on_time_limit_warnings=False)
     started = stages.run("start: data opened and verified, model and optimizer built",
-                         lambda: start_run(miniature(config), dataclasses.replace(options, output_dir=scratch,
-                                                                                  resume=None), accelerator))
+                         lambda: start_run(miniature(config), scratch_options, accelerator))
     if started is not None:
         run, state = started
         mini, clock = MiniRun(run, state), StepClock(run.profiler, accelerator.device)
@@ -478,6 +487,8 @@ def preflight(config: Config, options: RunOptions, steps: int = DEFAULT_STEPS, k
         stages.run("evaluation on a slice of validation", lambda: miniature_evaluation(mini, figures))
         stages.run("TensorBoard events written and read back", lambda: tensorboard_read_back(run))
         stages.run("export written and loaded through timm", lambda: export_and_load(run))
+        if run is not None and run.stop.warned is not None:
+            figures.notes.append(time_limit_warning_note(run.stop.warned))
         if run is not None:
             peak, capacity = memory_in_use(accelerator.device)
             usage = gather_object([(peak, capacity)]) if accelerator.num_processes > 1 else [(peak, capacity)]

@@ -60,6 +60,7 @@ class RunOptions:
     launcher_mixed_precision: str | None = None  # what `accelerate launch` asked for, if anything
     resume: Path | None = None  # --resume: this checkpoint rather than the run directory's newest
     command: str = "python -m train"  # the command line, for the exported model card
+    stop_on_time_limit_warnings: bool = True  # False in a preflight (preemption.StopRequests says why)
 
 
 @dataclass
@@ -293,7 +294,7 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
              + (f", each {loaders.micro_batches_per_step} micro-batches of {micro_batch} per process"
                 if loaders.micro_batches_per_step > 1 else ""))
 
-    stop = StopRequests().install()
+    stop = StopRequests(stop_on_warnings=options.stop_on_time_limit_warnings).install()
     policy = CheckpointPolicy(stop, train.log.checkpoint_every_steps, train.log.checkpoint_every_minutes,
                               train.log.log_freq, accelerator.is_main_process, accelerator.device)
     run = Run(config=config, options=options, accelerator=accelerator, run_dir=run_dir, loaders=loaders, model=model,
