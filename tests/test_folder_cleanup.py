@@ -20,41 +20,38 @@ def shared(session_folder):
     return folder
 """
 
-# Runs first. Its first test does not ask for the session fixture, so pytest makes that folder
-# only for the second, when the module is under way and its own folders exist.
-MODULE_THAT_PASSES = """
+def module_with_a_folder(name: str, tests: str) -> str:
+    """A test module whose module fixture writes into a folder of its own, ``name``0."""
+    return f"""
 import pytest
 
 @pytest.fixture(scope="module")
 def module_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("passing_module")
+    folder = tmp_path_factory.mktemp("{name}")
     (folder / "checkpoint").write_text("x")
     return folder
+""" + tests
 
+
+# Runs first. Its first test does not ask for the session fixture, so pytest makes that folder
+# only for the second, when the module is under way and its own folders exist.
+MODULE_THAT_PASSES = module_with_a_folder("passing_module", """
 def test_reads_its_module_folder(module_run):
     assert (module_run / "checkpoint").exists()
 
 def test_reads_both(shared, module_run, tmp_path):
     (tmp_path / "own").write_text("x")
     assert (shared / "data").exists() and (module_run / "checkpoint").exists()
-"""
+""")
 
-MODULE_THAT_FAILS = """
-import pytest
-
-@pytest.fixture(scope="module")
-def module_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("failing_module")
-    (folder / "checkpoint").write_text("x")
-    return folder
-
+MODULE_THAT_FAILS = module_with_a_folder("failing_module", """
 def test_still_reads_the_session_folder(shared):
     assert (shared / "data").exists()
 
 def test_fails(module_run, tmp_path):
     (tmp_path / "evidence").write_text("x")
     assert False
-"""
+""")
 
 
 @pytest.fixture
