@@ -28,6 +28,7 @@ What the configuration chooses, and why:
 from __future__ import annotations
 
 import os
+import random
 import re
 import secrets
 import shutil
@@ -67,10 +68,25 @@ def _search_path() -> str:
     return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The daemons' ports: below Linux's ephemeral range (32768-60999), from which every outgoing
+# connection (slurmctld's own among them) takes its local port, so none can take a port between
+# its choice here and the daemon's bind; and below the node launcher's rendezvous ports (20000+).
+DAEMON_PORTS = range(10000, 20000)
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports from DAEMON_PORTS that nothing listens on now."""
+    chosen: list[int] = []
+    for port in random.sample(DAEMON_PORTS, len(DAEMON_PORTS)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise ClusterUnavailable(f"no {count} free ports in {DAEMON_PORTS.start}-{DAEMON_PORTS.stop - 1}")
 
 
 @dataclass
@@ -141,7 +157,7 @@ class SlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
         os.chmod(key, 0o600)
-        self.conf.write_text(self.slurm_conf(_free_port(), _free_port()))
+        self.conf.write_text(self.slurm_conf(*_free_ports(2)))
         munge = self.root / "munge"
         try:
             self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={munge}/munge.socket",

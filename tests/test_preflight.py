@@ -39,10 +39,16 @@ from train.preflight import contention_note, parse_slurm_time
 from train.rundir import read_metrics
 
 STANDINS = REPO / "tests" / "slurm_standins"
-STAGES = ["scratch directory next to the run's", "start: data opened and verified, model and optimizer built",
-          "train 2 steps (warm-up)", "checkpoint written and loaded back", "train 6 steps resumed from it, timed",
-          "input pipeline alone vs model alone", "evaluation on a slice of validation",
-          "TensorBoard events written and read back", "export written and loaded through timm"]
+def stage_names(warm_up: int, timed: int) -> list[str]:
+    """The report's stages, for a preflight of ``warm_up`` + ``timed`` steps."""
+    return ["scratch directory next to the run's", "start: data opened and verified, model and optimizer built",
+            f"train {warm_up} steps (warm-up)", "checkpoint written and loaded back",
+            f"train {timed} steps resumed from it, timed", "input pipeline alone vs model alone",
+            "evaluation on a slice of validation", "TensorBoard events written and read back",
+            "export written and loaded through timm"]
+
+
+STAGES = stage_names(2, 6)  # --preflight-steps 8
 
 
 def configs(tmp_path: Path, folder: Path, loader: str = "hf", **train_overrides) -> list[str]:
@@ -54,11 +60,11 @@ def configs(tmp_path: Path, folder: Path, loader: str = "hf", **train_overrides)
     return ["--data-cfg", str(data), "--train-cfg", str(train), "--preflight", "--preflight-steps", "8"]
 
 
-def table(stdout: str) -> dict[str, str]:
+def table(stdout: str, stages: list[str] = STAGES) -> dict[str, str]:
     """Each stage's result, from the printed table."""
     rows = {}
     for line in stdout.splitlines():
-        for name in STAGES:
+        for name in stages:
             if line.startswith(f"  {name} "):
                 rows[name] = line[len(name) + 2:].split()[0]
     return rows

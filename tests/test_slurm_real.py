@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, clean_env, data_toml, make_image_folder, tiny_train_toml, without_timing, write
 from slurm_cluster import ClusterUnavailable, SlurmCluster, missing_requirements
-from test_preflight import STAGES, table
+from test_preflight import stage_names, table
 
 from train.rundir import read_metrics
 
@@ -175,9 +175,11 @@ def jobs(cluster, tmp_path_factory) -> dict[str, tuple[Job, Future]]:
         "scancel": (submit(cluster, base / "scancel", folder, max_epochs=100), cancelled),
         "fails": (submit(cluster, base / "fails", folder, "--set", "train.lr=-1"), Job.wait_until_gone),
         # A 10-minute limit against a run of 3000 epochs: the estimate needs requeues. The limit is
-        # not longer than the profile's warning lead (USR1@600): SLURM warns at once. (The job waits
-        # for CPUs until the failing one has ended.)
-        "preflight": (submit(cluster, base / "preflight", folder, "--preflight", "--preflight-steps", "8",
+        # not longer than the profile's warning lead (USR1@600): SLURM warns at once, before the
+        # trainers have their handlers, and the node launcher sends it again 30 s later
+        # (RESEND_INTERVAL_S); 240 steps keep the preflight running past that. (The job waits for
+        # CPUs until the failing one has ended.)
+        "preflight": (submit(cluster, base / "preflight", folder, "--preflight", "--preflight-steps", "240",
                              sbatch_options=("--time=10",), max_epochs=3000), completes),
     }
     with ThreadPoolExecutor(max_workers=len(submitted)) as pool:
@@ -247,7 +249,8 @@ def test_a_preflight_job_estimates_its_requeues_from_the_jobs_time_limit(jobs):
     job, record = outcome(jobs, "preflight")
     output = job.shown_output()
     assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "0")
-    assert table(output) == dict.fromkeys(STAGES, "ok"), output
+    stages = stage_names(80, 160)  # --preflight-steps 240
+    assert table(output, stages) == dict.fromkeys(stages, "ok"), output
     assert "received SIGUSR1: asking training to write a checkpoint and stop" in output  # the batch shell
     assert output.count("received SIGUSR1, a warning of the job's time limit: noted, not stopping") == 2
     assert "note: SIGUSR1 arrived during the preflight and was noted, not obeyed" in output
