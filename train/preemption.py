@@ -60,9 +60,10 @@ class StopRequests:
             # worker_init_fn): the stop is the trainer's to act on and to report.
             return
         name = signal.Signals(signum).name
-        # Recorded before it is reported: a second signal arriving while this handler logs runs
-        # the handler again, nested (scancel's SIGTERM comes three times within milliseconds: from
-        # SLURM, the node launcher and torchrun's agent), and must find the stop already taken.
+        # Each is recorded before it is reported: a second signal arriving while this handler
+        # logs runs the handler again, nested (scancel's SIGTERM comes three times within
+        # milliseconds: from SLURM, the node launcher and torchrun's agent), and must find the
+        # first already recorded.
         if signum in TIME_LIMIT_WARNINGS and not self.stop_on_warnings:
             first = self.warned is None
             self.warned = signum

@@ -487,9 +487,9 @@ def preflight(config: Config, options: RunOptions, steps: int = DEFAULT_STEPS, k
         stages.run("evaluation on a slice of validation", lambda: miniature_evaluation(mini, figures))
         stages.run("TensorBoard events written and read back", lambda: tensorboard_read_back(run))
         stages.run("export written and loaded through timm", lambda: export_and_load(run))
-        if run is not None and run.stop.warned is not None:
-            figures.notes.append(time_limit_warning_note(run.stop.warned))
         if run is not None:
+            if run.stop.warned is not None:
+                figures.notes.append(time_limit_warning_note(run.stop.warned))
             peak, capacity = memory_in_use(accelerator.device)
             usage = gather_object([(peak, capacity)]) if accelerator.num_processes > 1 else [(peak, capacity)]
             figures.memory_line, warning = memory_report("during the preflight", usage)
