@@ -14,8 +14,8 @@ from train.config import (
     ConfigError,
     CosineScheduleConfig,
     SGDConfig,
-    _bounds,
     _build,
+    key,
     load_config,
     load_config_text,
     parse_override,
@@ -229,7 +229,7 @@ def test_a_key_may_take_a_number_or_a_word_such_as_auto():
     """Keys like `micro_batch_size = 32 | "auto"` are checked against both choices, bounds for the number."""
     @dataclass
     class Section:
-        size: int | Literal["auto"] = _bounds("auto", gt=0)
+        size: int | Literal["auto"] = key("auto", "A size.", gt=0)
         switch: bool | Literal["auto"] = "auto"
 
     assert _build(Section, {"size": 32, "switch": False}, "t", "f.toml") == Section(32, False)

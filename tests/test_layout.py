@@ -20,8 +20,8 @@ LAYERS = {
               "preemption", "rundir", "micro_batch", "initial_weights", "profiling", "wandb_tracking", "cost"],
     "startup": ["startup"],
     "loop": ["loop"],
-    "entry points": ["cli", "__main__", "evaluate", "hub", "report", "sweep", "benchmark", "dataset_tools",
-                     "preflight"],
+    "entry points": ["cli", "__main__", "config_reference", "evaluate", "hub", "report", "sweep", "benchmark",
+                     "dataset_tools", "preflight"],
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 

@@ -25,10 +25,19 @@ class ConfigError(UserError):
     pass
 
 
-def _bounds(default: Any, *, gt: float | None = None, ge: float | None = None,
-            lt: float | None = None, le: float | None = None) -> Any:
-    """A dataclass field whose numeric value must lie within the given bounds."""
-    return field(default=default, metadata={"gt": gt, "ge": ge, "lt": lt, "le": le})
+_MISSING = dataclasses.MISSING
+
+
+def key(default: Any = _MISSING, doc: str = "", *, default_factory: Any = _MISSING, gt: float | None = None,
+        ge: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
+    """A config key: its default, one line saying what it does (docs/config-reference.md is made
+    from these lines by ``python -m train.config_reference``), and the bounds a number must lie in."""
+    if not doc:
+        raise TypeError("every config key needs a one-line doc")
+    metadata = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if default_factory is not _MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # ----------------------------------------------------------------------------- data
@@ -36,23 +45,24 @@ def _bounds(default: Any, *, gt: float | None = None, ge: float | None = None,
 
 @dataclass
 class DataloaderConfig:
-    name: Literal["dali", "hf"] = "dali"
-    num_data_workers: int = _bounds(4, ge=0)  # DataLoader worker processes (hf), or DALI threads
-    prefetch_queue_depth: int = _bounds(2, ge=1)  # DALI: batches prepared ahead of the loop
-    # Split names, used when data_dir is a Hugging Face Hub dataset ("hf-hub:<id>").
-    train_split: str = "train"
-    val_split: str = "validation"
-    image_column: str = "image"
-    label_column: str = "label"
+    name: Literal["dali", "hf"] = key("dali", "Input pipeline: NVIDIA DALI, or the Hugging Face `datasets` loader "
+                                              "(PIL decoding in DataLoader workers).")
+    num_data_workers: int = key(4, "DataLoader worker processes per training process (hf), or DALI's CPU threads.",
+                                ge=0)
+    prefetch_queue_depth: int = key(2, "DALI: batches prepared ahead of the training loop.", ge=1)
+    train_split: str = key("train", "Training split's name, when data_dir is a Hub data set (`hf-hub:<id>`).")
+    val_split: str = key("validation", "Validation split's name, when data_dir is a Hub data set.")
+    image_column: str = key("image", "Column holding the images, when data_dir is a Hub data set.")
+    label_column: str = key("label", "Column holding the class indices, when data_dir is a Hub data set.")
 
 
 @dataclass
 class DataConfig:
-    # A folder with train/<class>/* and val/<class>/*, "hf-hub:<dataset id>", or
-    # "builtin:shapes" for the small generated dataset. No default: it must be given.
-    data_dir: str = ""
-    num_classes: int = _bounds(1000, gt=0)
-    dataloader: DataloaderConfig = field(default_factory=DataloaderConfig)
+    # No usable default: load_config refuses an empty data_dir with its own message.
+    data_dir: str = key("", "Required. A folder with `train/<class>/*` and `val/<class>/*`, a folder of WebDataset "
+                            "shards (this project's or the seed's), `hf-hub:<dataset id>`, or `builtin:shapes`.")
+    num_classes: int = key(1000, "Number of classes: the size of the model's classifier.", gt=0)
+    dataloader: DataloaderConfig = key(doc="How images are read and decoded.", default_factory=DataloaderConfig)
 
 
 # ---------------------------------------------------------------------------- train
@@ -60,79 +70,94 @@ class DataConfig:
 
 @dataclass
 class PreprocessConfig:
-    # Train from a copy of data_dir on the node's local disk ($TMPDIR), one per node, made at
-    # start-up and reused by later jobs on the node (data/preload.py).
-    preload_local: bool = False
+    preload_local: bool = key(False, "Train from a copy of data_dir on the node's local disk ($TMPDIR), made once "
+                                     "per node at start-up and reused by later jobs there.")
     # "triangular" is DALI's antialiased linear filter; the HF loader uses PIL's bilinear,
     # which is the same triangle filter when downscaling.
-    interpolation: Literal["bilinear", "bicubic", "triangular"] = "bilinear"
-    train_crop_size: int = _bounds(176, gt=0)
-    val_image_size: int = _bounds(256, gt=0)
-    val_crop_size: int = _bounds(224, gt=0)
-    dali_cpu: bool = True  # false: decode JPEGs on the GPU (DALI "mixed" decoder) when CUDA is there
-    # GPU decoding only: the share of images given to the hardware JPEG decoder (A100, H100),
-    # and the image size its buffers are preallocated for (ImageNet's largest image).
-    dali_hw_decoder_load: float = _bounds(0.65, ge=0, le=1)
-    dali_preallocate_width_hint: int = _bounds(5980, ge=0)
-    dali_preallocate_height_hint: int = _bounds(6430, ge=0)
+    interpolation: Literal["bilinear", "bicubic", "triangular"] = key(
+        "bilinear", "Resampling filter for every resize, training and validation.")
+    train_crop_size: int = key(176, "Side of the random-area crops the model is trained on, in pixels.", gt=0)
+    val_image_size: int = key(256, "Validation: the shorter side is resized to this before the centre crop.", gt=0)
+    val_crop_size: int = key(224, "Validation: side of the centre crop (at most val_image_size).", gt=0)
+    dali_cpu: bool = key(True, "DALI: decode JPEGs on the CPU; false decodes on the GPU (DALI's `mixed` decoder) "
+                               "where CUDA is present.")
+    # The hardware decoder exists on A100 and H100; the hints are ImageNet's largest image.
+    dali_hw_decoder_load: float = key(0.65, "DALI GPU decoding: share of images given to the hardware JPEG "
+                                            "decoder (A100, H100).", ge=0, le=1)
+    dali_preallocate_width_hint: int = key(5980, "DALI GPU decoding: image width its buffers are preallocated for.",
+                                           ge=0)
+    dali_preallocate_height_hint: int = key(6430, "DALI GPU decoding: image height its buffers are preallocated for.",
+                                            ge=0)
+
+
+_WEIGHT_DECAY_DOC = "Weight decay, on weight matrices and kernels only (not norms, biases or no_weight_decay())."
+_BETA1_DOC = "First-moment (gradient average) coefficient."
+_BETA2_DOC = "Second-moment (squared-gradient average) coefficient."
+_EPSILON_DOC = "Term added to the denominator for numerical stability."
+_SF_WARMUP_DOC = "Epochs of linear lr warm-up, inside the optimizer."
+_SF_R_DOC = "Schedule-Free's r: how much later iterates weigh in the average (0: uniform)."
+_SF_POWER_DOC = "Schedule-Free's weight_lr_power: how much the lr weighs the average."
 
 
 @dataclass
 class SGDConfig:
-    name: Literal["sgd"] = "sgd"
-    weight_decay: float = _bounds(1e-4, ge=0)
-    momentum: float = _bounds(0.875, ge=0, lt=1)
-    nesterov: bool = False
+    name: Literal["sgd"] = key("sgd", "SGD with momentum (torch.optim.SGD).")
+    weight_decay: float = key(1e-4, _WEIGHT_DECAY_DOC, ge=0)
+    momentum: float = key(0.875, "Momentum factor.", ge=0, lt=1)
+    nesterov: bool = key(False, "Nesterov momentum.")
 
 
 @dataclass
 class AdamConfig:
-    name: Literal["adam"] = "adam"
-    weight_decay: float = _bounds(1e-4, ge=0)
-    beta1: float = _bounds(0.9, ge=0, lt=1)
-    beta2: float = _bounds(0.999, ge=0, lt=1)
-    epsilon: float = _bounds(1e-8, gt=0)
+    name: Literal["adam"] = key("adam", "Adam (torch.optim.Adam), weight decay added to the gradient.")
+    weight_decay: float = key(1e-4, _WEIGHT_DECAY_DOC, ge=0)
+    beta1: float = key(0.9, _BETA1_DOC, ge=0, lt=1)
+    beta2: float = key(0.999, _BETA2_DOC, ge=0, lt=1)
+    epsilon: float = key(1e-8, _EPSILON_DOC, gt=0)
 
 
 @dataclass
 class AdamWConfig:
-    name: Literal["adamw"] = "adamw"
-    weight_decay: float = _bounds(0.05, ge=0)
-    beta1: float = _bounds(0.9, ge=0, lt=1)
-    beta2: float = _bounds(0.999, ge=0, lt=1)
-    epsilon: float = _bounds(1e-8, gt=0)
+    name: Literal["adamw"] = key("adamw", "AdamW (torch.optim.AdamW), decoupled weight decay.")
+    weight_decay: float = key(0.05, _WEIGHT_DECAY_DOC, ge=0)
+    beta1: float = key(0.9, _BETA1_DOC, ge=0, lt=1)
+    beta2: float = key(0.999, _BETA2_DOC, ge=0, lt=1)
+    epsilon: float = key(1e-8, _EPSILON_DOC, gt=0)
 
 
 @dataclass
 class SGDScheduleFreeConfig:
-    name: Literal["sgd-schedule-free"] = "sgd-schedule-free"
-    warmup_epochs: float = _bounds(5, ge=0)
-    weight_decay: float = _bounds(1e-4, ge=0)
-    momentum: float = _bounds(0.9, ge=0, lt=1)
-    r: float = _bounds(0.0, ge=0)
-    weight_lr_power: float = _bounds(2.0, ge=0)
+    name: Literal["sgd-schedule-free"] = key("sgd-schedule-free", "Schedule-Free SGD (schedulefree.SGDScheduleFree); "
+                                                                  "needs lr_scheduler.name = 'constant'.")
+    warmup_epochs: float = key(5, _SF_WARMUP_DOC, ge=0)
+    weight_decay: float = key(1e-4, _WEIGHT_DECAY_DOC, ge=0)
+    momentum: float = key(0.9, "Interpolation between the averaged and the trained weights.", ge=0, lt=1)
+    r: float = key(0.0, _SF_R_DOC, ge=0)
+    weight_lr_power: float = key(2.0, _SF_POWER_DOC, ge=0)
 
 
 @dataclass
 class AdamWScheduleFreeConfig:
-    name: Literal["adamw-schedule-free"] = "adamw-schedule-free"
-    warmup_epochs: float = _bounds(5, ge=0)
-    weight_decay: float = _bounds(0.1, ge=0)
-    beta1: float = _bounds(0.9, ge=0, lt=1)
-    beta2: float = _bounds(0.999, ge=0, lt=1)
-    epsilon: float = _bounds(1e-8, gt=0)
-    r: float = _bounds(0.0, ge=0)
-    weight_lr_power: float = _bounds(2.0, ge=0)
+    name: Literal["adamw-schedule-free"] = key(
+        "adamw-schedule-free", "Schedule-Free AdamW (schedulefree.AdamWScheduleFree); needs lr_scheduler.name = "
+                               "'constant'.")
+    warmup_epochs: float = key(5, _SF_WARMUP_DOC, ge=0)
+    weight_decay: float = key(0.1, _WEIGHT_DECAY_DOC, ge=0)
+    beta1: float = key(0.9, "Interpolation between the averaged and the trained weights.", ge=0, lt=1)
+    beta2: float = key(0.999, _BETA2_DOC, ge=0, lt=1)
+    epsilon: float = key(1e-8, _EPSILON_DOC, gt=0)
+    r: float = key(0.0, _SF_R_DOC, ge=0)
+    weight_lr_power: float = key(2.0, _SF_POWER_DOC, ge=0)
 
 
 @dataclass
 class SGDSAMConfig:
-    name: Literal["sgd-sam"] = "sgd-sam"
-    weight_decay: float = _bounds(1e-4, ge=0)
-    momentum: float = _bounds(0.9, ge=0, lt=1)
-    rho: float = _bounds(0.05, ge=0)
-    adaptive: bool = True
-    v2: bool = True  # single-step SAM; false is the original two-step SAM
+    name: Literal["sgd-sam"] = key("sgd-sam", "SGD with Sharpness-Aware Minimization.")
+    weight_decay: float = key(1e-4, _WEIGHT_DECAY_DOC, ge=0)
+    momentum: float = key(0.9, "Momentum factor of the SGD step.", ge=0, lt=1)
+    rho: float = key(0.05, "Radius of the weight perturbation (0: plain SGD).", ge=0)
+    adaptive: bool = key(True, "Adaptive SAM: the perturbation scaled by each weight's magnitude.")
+    v2: bool = key(True, "Single-step SAM (perturbs along the previous step's gradient); false: two-step SAM.")
 
 
 # typing.Union rather than "|": _union_members recognises tagged unions by it.
@@ -142,15 +167,16 @@ OptimConfig = Union[SGDConfig, AdamConfig, AdamWConfig, SGDScheduleFreeConfig,  
 
 @dataclass
 class CosineScheduleConfig:
-    name: Literal["cosine"] = "cosine"
-    warmup_epochs: float = _bounds(5, ge=0)
-    warmup_decay: float = _bounds(0.01, gt=0, le=1)  # warm-up starts at lr * warmup_decay
-    eta_min: float = _bounds(1e-5, ge=0)
+    name: Literal["cosine"] = key("cosine", "Linear warm-up, then cosine decay per step to eta_min.")
+    warmup_epochs: float = key(5, "Epochs of linear warm-up.", ge=0)
+    warmup_decay: float = key(0.01, "Warm-up starts at lr * warmup_decay.", gt=0, le=1)
+    eta_min: float = key(1e-5, "The lr the cosine ends at.", ge=0)
 
 
 @dataclass
 class ConstantScheduleConfig:
-    name: Literal["constant"] = "constant"
+    name: Literal["constant"] = key("constant", "The lr stays at train.lr (Schedule-Free warms up inside the "
+                                                "optimizer).")
 
 
 ScheduleConfig = Union[CosineScheduleConfig, ConstantScheduleConfig]  # noqa: UP007
@@ -158,63 +184,61 @@ ScheduleConfig = Union[CosineScheduleConfig, ConstantScheduleConfig]  # noqa: UP
 
 @dataclass
 class ReproduceConfig:
-    seed: int = 810975
+    seed: int = key(810975, "Seed of every random number generator: weights, augmentation, data order.")
 
 
 @dataclass
 class LogConfig:
-    log_freq: int = _bounds(100, gt=0)  # steps between loss/lr log lines
-    checkpoint_freq: int = _bounds(45, gt=0)  # epochs between checkpoints (the last epoch always saves)
-    checkpoint_every_steps: int = _bounds(0, ge=0)  # also every N optimizer steps (0: off)
-    checkpoint_every_minutes: float = _bounds(0.0, ge=0)  # also every N minutes of wall time (0: off)
-    keep_last: int = _bounds(2, gt=0)  # newest checkpoints kept, besides the best by val top-1
-    # Also log to Weights & Biases (pip install '.[wandb]'): the same scalars and config as
-    # TensorBoard, into the W&B project `wandb_project`, or `project` when that is empty.
-    wandb_on: bool = False
-    project: str = "imagenet-baselines"
-    wandb_project: str = ""  # the seed's other name for `project`
-    profile_steps: int = _bounds(0, ge=0)  # torch.profiler trace of this many steps, early in the run (0: off)
+    log_freq: int = key(100, "Optimizer steps between loss/lr log lines and TensorBoard points.", gt=0)
+    checkpoint_freq: int = key(45, "Epochs between checkpoints (the last epoch always saves).", gt=0)
+    checkpoint_every_steps: int = key(0, "Also a checkpoint every N optimizer steps (0: off).", ge=0)
+    checkpoint_every_minutes: float = key(0.0, "Also a checkpoint every N minutes of wall time (0: off).", ge=0)
+    keep_last: int = key(2, "Newest checkpoints kept, besides the best by validation top-1.", gt=0)
+    wandb_on: bool = key(False, "Also log to Weights & Biases (pip install '.[wandb]'): the same scalars and "
+                                "config as TensorBoard.")
+    project: str = key("imagenet-baselines", "W&B project, when wandb_project is empty.")
+    wandb_project: str = key("", "W&B project: the seed's other name for `project`, which it overrides.")
+    profile_steps: int = key(0, "torch.profiler trace of this many steps, early in the run (0: off).", ge=0)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = _bounds(1024, gt=0)  # global: summed over all processes
-    # Samples per forward and backward pass on each process. 0: the whole per-process batch
-    # (batch_size / processes), no gradient accumulation. A divisor of it: each optimizer step
-    # accumulates the gradients of batch_size / (processes * micro_batch_size) passes.
-    # "auto": the largest that fits in GPU memory (on the CPU, the whole per-process batch).
-    micro_batch_size: int | Literal["auto"] = _bounds(0, ge=0)
-    max_epochs: int = _bounds(90, gt=0)
-    lr: float = _bounds(1e-3, gt=0)
-    label_smoothing: float = _bounds(0.1, ge=0, lt=1)
-    grad_clip_norm: float = _bounds(0.0, ge=0)  # 0 disables clipping
-    # Where to start from: a training checkpoint (RUN/checkpoints/<step>, resumed as --resume
-    # does while the run directory has none of its own), or weights for a fresh run (a model
-    # folder, a .safetensors file, or hf-hub:<repo id>). Empty: from scratch.
-    checkpoint_dir: str = ""
-    arch: str = "resnet50"
-    use_amp: bool = True  # false forces fp32 whatever the launcher asks for
-    # NHWC memory format; "auto": on CUDA for convolutional models (faster there), never on the
-    # CPU (slower there) nor for ViTs (a single convolution, the patch embedding).
-    channels_last: bool | Literal["auto"] = "auto"
-    compile: bool = False  # torch.compile the model
-    tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer GPUs)
-    cudnn_benchmark: bool = True  # let cuDNN time its kernels for the fixed input shapes
-    # BatchNorm statistics over the global batch rather than each GPU's share (SyncBatchNorm),
-    # for small per-GPU batches; costs a collective per BN layer. GPUs only.
-    sync_bn: bool = False
-    eval_freq: int = _bounds(1, gt=0)  # epochs between evaluations (the last always runs)
-    num_samples_for_stats: int = _bounds(102400, gt=0)  # training images BatchNorm statistics are recomputed over
-    # Recompute BatchNorm statistics before the last epoch's evaluation (and so for the exported model),
-    # as the seed does for every optimizer; Schedule-Free recomputes them before every evaluation anyway.
-    recompute_bn_before_final_eval: bool = False
-    # Keyword arguments for timm.create_model, checked against the model's own (e.g. zero_init_last = false).
-    model: dict[str, Any] = field(default_factory=dict)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    optim: OptimConfig = field(default_factory=AdamConfig)
-    lr_scheduler: ScheduleConfig = field(default_factory=CosineScheduleConfig)
-    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    batch_size: int = key(1024, "Global batch: summed over all processes.", gt=0)
+    # Accumulation: each optimizer step sums the gradients of
+    # batch_size / (processes * micro_batch_size) passes.
+    micro_batch_size: int | Literal["auto"] = key(
+        0, "Samples per forward/backward pass on each process: 0, the whole per-process batch; a divisor of it "
+           "accumulates gradients; \"auto\", the largest that fits in GPU memory.", ge=0)
+    max_epochs: int = key(90, "Epochs to train.", gt=0)
+    lr: float = key(1e-3, "Peak learning rate, reached after the warm-up.", gt=0)
+    label_smoothing: float = key(0.1, "Label smoothing of the cross-entropy loss.", ge=0, lt=1)
+    grad_clip_norm: float = key(0.0, "Clip the gradients' global norm to this (0: no clipping).", ge=0)
+    checkpoint_dir: str = key("", "Where to start: a training checkpoint (`RUN/checkpoints/<step>`), or weights for "
+                                  "a fresh run (a model folder, a .safetensors file, `hf-hub:<repo>`); empty: scratch.")
+    arch: str = key("resnet50", "Any timm model name (`vit_base_16` is an alias of `vit_base_patch16_224`).")
+    use_amp: bool = key(True, "Mixed precision as the launcher asks (bf16 on Ampere+, fp16 before); false forces "
+                              "fp32.")
+    # NHWC is faster for convolutions on CUDA and slower on the CPU; a ViT has one convolution.
+    channels_last: bool | Literal["auto"] = key(
+        "auto", "NHWC memory format; \"auto\": on CUDA for convolutional models, never on the CPU nor for ViTs.")
+    compile: bool = key(False, "torch.compile the model.")
+    tf32: bool = key(True, "TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer GPUs).")
+    cudnn_benchmark: bool = key(True, "Let cuDNN time its kernels for the fixed input shapes.")
+    sync_bn: bool = key(False, "BatchNorm statistics over the global batch (SyncBatchNorm), for small per-GPU "
+                               "batches; one collective per BN layer. GPUs only.")
+    eval_freq: int = key(1, "Epochs between evaluations (the last epoch always evaluates).", gt=0)
+    num_samples_for_stats: int = key(102400, "Training images BatchNorm statistics are recomputed over.", gt=0)
+    recompute_bn_before_final_eval: bool = key(
+        False, "Recompute BatchNorm statistics before the last evaluation (and so for the exported model), as the "
+               "seed does; Schedule-Free recomputes them before every evaluation.")
+    model: dict[str, Any] = key(doc="Keyword arguments for timm.create_model, checked against the model's own "
+                                    "(e.g. zero_init_last = false).", default_factory=dict)
+    preprocess: PreprocessConfig = key(doc="Crops, resizing and decoding.", default_factory=PreprocessConfig)
+    optim: OptimConfig = key(doc="The optimizer, chosen by `name`, with its own keys.", default_factory=AdamConfig)
+    lr_scheduler: ScheduleConfig = key(doc="The learning-rate schedule, chosen by `name`.",
+                                       default_factory=CosineScheduleConfig)
+    reproduce: ReproduceConfig = key(doc="Seeds.", default_factory=ReproduceConfig)
+    log: LogConfig = key(doc="Logging, checkpoints, W&B and the profiler.", default_factory=LogConfig)
 
 
 @dataclass
