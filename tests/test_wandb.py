@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from accelerate import PartialState
 from helpers import checkpointing_configs as configs
 from helpers import run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -96,3 +97,21 @@ def test_no_login_online_is_a_one_line_error(tmp_path, monkeypatch):
     message = str(error.value)
     assert len(message.splitlines()) == 1
     assert message.startswith("Weights & Biases: ") and "WANDB_MODE=offline" in message
+
+
+def test_wandb_dir_set_by_the_user_holds_wandbs_files(tmp_path, monkeypatch):
+    """W&B's convention: WANDB_DIR, when set, is where its files go; the resume state stays in the run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "scratch"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    (tmp_path / "scratch").mkdir()
+    PartialState(cpu=True)  # Accelerate's trackers log through its state
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = wandb_tracking.ResumingWandBTracker(run_dir, "p")
+    tracker.start()
+    tracker.log({"train/loss": 1.5}, step=3)
+    tracker.finish()
+    (attempt,) = offline_runs(tmp_path / "scratch")
+    assert attempt.series("train/loss") == [(3, 1.5)]
+    assert not (run_dir / "wandb").exists() and (run_dir / wandb_tracking.STATE_FILE).is_file()

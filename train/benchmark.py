@@ -204,7 +204,8 @@ def pipeline_mode(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.splitlines()[0],
+                                     epilog="Documentation: docs/performance.md")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=112)

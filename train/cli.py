@@ -29,7 +29,8 @@ BUILTIN_TRAIN = DEFAULTS / "builtin-train.toml"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train an image classifier. With no arguments: ResNet-18 on the built-in data set, on the CPU.")
+        description="Train an image classifier. With no arguments: ResNet-18 on the built-in data set, on the CPU.",
+        epilog="Documentation: docs/training.md; every config key: docs/config-reference.md")
     parser.add_argument("--data-cfg", type=Path, default=None,
                         help="data TOML (default: the built-in data set)")
     parser.add_argument("--train-cfg", type=Path, default=None,

@@ -49,7 +49,8 @@ def preprocess_of(model: torch.nn.Module) -> PreprocessConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.splitlines()[0],
+                                     epilog="Documentation: docs/checkpoints.md")
     parser.add_argument("model", help="model folder, or hf-hub:<repo id>")
     parser.add_argument("--data-cfg", type=Path, required=True, help="data TOML (its val/ split is used)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE")

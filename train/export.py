@@ -147,7 +147,8 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export",
-                                     description="Export a training checkpoint as a timm model folder.")
+                                     description="Export a training checkpoint as a timm model folder.",
+                                     epilog="Documentation: docs/checkpoints.md")
     parser.add_argument("checkpoint", type=Path, help="a folder RUN/checkpoints/<step>")
     parser.add_argument("--output", type=Path, default=None, help="model folder (default: RUN/model-<step>)")
     args = parser.parse_args(argv)

@@ -48,7 +48,8 @@ def push(model_dir: Path, repo_id: str, private: bool, message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.hub", description="Upload a model folder to the Hub.")
+    parser = argparse.ArgumentParser(prog="python -m train.hub", description="Upload a model folder to the Hub.",
+                                     epilog="Documentation: docs/checkpoints.md")
     parser.add_argument("model_dir", type=Path, help="an exported model folder (RUN/model)")
     parser.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
     parser.add_argument("--private", action="store_true", help="create the repo as private")

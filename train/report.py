@@ -432,7 +432,8 @@ def markdown(groups: list[Group], unfinished: list[Run], comparison: Comparison 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.report",
-        description="Results table (mean ± 2σ over seeds) and accuracy plots from training run directories.")
+        description="Results table (mean ± 2σ over seeds) and accuracy plots from training run directories.",
+        epilog="Documentation: docs/results.md")
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_GLOB",
                         help="run directories, globs (quoted: 'runs/r50-*'), or folders holding run directories")
     parser.add_argument("--out", type=Path, default=Path("report"),

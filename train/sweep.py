@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train.sweep",
         description="Submit training configs x seeds as one SLURM job array, and the report (compared with the "
-                    "seed's table) as a job that runs when every task has ended. Run from the repository root.")
+                    "seed's table) as a job that runs when every task has ended. Run from the repository root.",
+        epilog="Documentation: docs/clusters.md")
     parser.add_argument("--profile", required=True, help="the hardware profile: launch/<PROFILE>.sh (e.g. 4xA40)")
     parser.add_argument("--data-cfg", type=Path, required=True, help="data TOML, the same for every run")
     parser.add_argument("--train-cfg", type=Path, nargs="+", default=SEED_TABLE_CONFIGS, metavar="TRAIN.toml",

@@ -3,7 +3,8 @@
 It receives what TensorBoard receives (``tracking.RunTracker`` logs to both): the same
 scalars at the same steps, and the flattened config. The W&B project is ``[log] wandb_project``,
 or ``[log] project`` when that is empty (the seed's files use either); the W&B run is named
-after the run directory, and its files go into ``<run>/wandb/``. ``WANDB_MODE=offline`` keeps
+after the run directory, and its files go into ``<run>/wandb/``, or ``$WANDB_DIR/wandb/`` where the
+user sets ``WANDB_DIR``, as W&B's own scripts do. ``WANDB_MODE=offline`` keeps
 everything there for a later ``wandb sync``; ``WANDB_ENTITY`` picks the team.
 
 Every attempt of a run (a requeued job, a rerun after a crash) continues the same W&B run:
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -50,7 +52,10 @@ class ResumingWandBTracker(WandBTracker):
     """Accelerate's W&B tracker, continuing the run directory's W&B run across attempts."""
 
     def __init__(self, run_dir: Path, project: str):
-        super().__init__(project, name=run_dir.name, dir=str(run_dir), resume="allow")
+        # W&B's own files follow WANDB_DIR where the user set it (a scratch disk, say); the
+        # resume state below always stays with the run it belongs to.
+        super().__init__(project, name=run_dir.name, dir=os.environ.get("WANDB_DIR") or str(run_dir),
+                         resume="allow")
         self.state_file = run_dir / STATE_FILE
         self.state: dict = {}
         self.first_new_step = 0  # steps below this one are in the W&B run already

@@ -45,7 +45,8 @@ EXIT_PROBLEMS = 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.data.check",
                                      description="Decode every image of a data set folder or shard set; list the "
-                                                 "unreadable ones and count images per class.")
+                                                 "unreadable ones and count images per class.",
+                                     epilog="Documentation: docs/data.md")
     parser.add_argument("path", type=Path, help="ImageNet-layout folder, or folder of train-*.tar/val-*.tar shards")
     parser.add_argument("--workers", type=int, default=available_cpus(), help="parallel decoding threads")
     parser.add_argument("--no-cache", action="store_true",

@@ -43,7 +43,8 @@ EXIT_SKIPPED = 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train.data.convert",
                                      description="Pack an ImageNet-layout folder into WebDataset shards with DALI "
-                                                 "index files. Re-running the same command resumes it.")
+                                                 "index files. Re-running the same command resumes it.",
+                                     epilog="Documentation: docs/data.md")
     parser.add_argument("src", type=Path, help="folder with train/<class>/* and val/<class>/*")
     parser.add_argument("dst", type=Path, help="output folder for the shards (created)")
     parser.add_argument("--shards", type=int, required=True, help="number of training shards")

@@ -29,7 +29,8 @@ DEFAULT_OUTPUT = Path("data/Imagenet")  # where configs/data/imagenet*.toml look
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.data.prepare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.data.prepare", description=__doc__.split("\n\n")[0],
+                                     epilog="Documentation: docs/data.md")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{archives,check,hub}")
 
     archives = commands.add_parser(
