@@ -262,7 +262,7 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     config = dataclasses.replace(config, train=train)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch)
+    optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch, accelerator.device.type)
     # The schedule is stepped by hand: accelerator.prepare would step it once per process.
     scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
