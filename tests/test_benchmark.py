@@ -34,7 +34,7 @@ def test_pipeline_mode_says_per_model_what_limits_the_run(tmp_path, tiny_folder,
     train = write(tmp_path / "t.toml", tiny_train_toml())
     out = tmp_path / "result.json"
     assert benchmark.main(["--data-cfg", str(data), "--train-cfg", str(train), "--models", "test_resnet,test_vit",
-                           "--steps", "2", "--warmup", "1", "--json", str(out)]) == 0
+                           "--steps", "1", "--warmup", "1", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["loader"] == "hf" and figures["loader_images_per_s"] > 0 and figures["device"] == "cpu"
     assert [model["arch"] for model in figures["models"]] == ["test_resnet", "test_vit"]
