@@ -4,7 +4,8 @@
 
 Each process prepares a small compiled model with Accelerate (DDP inside the compiled
 wrapper), records the wrapper's parameter names, evaluates it with the project's
-``evaluate`` (which unwraps the model), records the names again, then takes one two-step SAM
+``evaluate`` (which compiles the unwrapped model for evaluation), records the names again and
+how many graphs evaluation compiled, then takes one two-step SAM
 step on its own batch and records the first pass's gradient: it must be this process's own,
 not the average, so the wrapper must still run the forward through DDP's ``no_sync``.
 Last, the names of the weights the trainer would export (``bare_model``'s, as ``loop.finish``
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from train.config import SGDSAMConfig  # noqa: E402
 from train.models import bare_model  # noqa: E402
 from train.optim import build_optimizer, build_train_step  # noqa: E402
-from train.validation import evaluate  # noqa: E402
+from train.validation import evaluate, evaluation_model  # noqa: E402
 
 SAM_V1 = SGDSAMConfig(momentum=0.9, weight_decay=0.0, rho=0.05, adaptive=False, v2=False)
 
@@ -47,8 +48,11 @@ def main() -> None:
     optimizer = build_optimizer(model, SAM_V1, 0.1, steps_per_epoch=1)
     model, optimizer = accelerator.prepare(model, optimizer)
     names_before = list(model.state_dict())
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     evaluate(model, [batch(100)], accelerator, 0.0, 3, channels_last=False)
+    eval_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
     names_after = list(model.state_dict())
+    eval_model = evaluation_model(accelerator, model)
 
     step = build_train_step(SAM_V1, model, optimizer, torch.nn.CrossEntropyLoss(), accelerator, 0.0)
     seen = {}
@@ -61,7 +65,10 @@ def main() -> None:
     step.perturb = record_first_gradient
     step(*batch(accelerator.process_index))  # each process its own batch
     result = {"names_before": names_before, "names_after": names_after, "first_grads": seen["first_grads"],
-              "export_names": list(bare_model(accelerator, model).state_dict())}
+              "export_names": list(bare_model(accelerator, model).state_dict()),
+              # evaluation compiled a graph of its own, of the bare model, made once for the run
+              "eval_graphs": eval_graphs, "eval_model_reused": evaluation_model(accelerator, model) is eval_model,
+              "eval_model_wraps_bare": getattr(eval_model, "_orig_mod", None) is bare_model(accelerator, model)}
     torch.save(result, Path(sys.argv[1]) / f"rank{accelerator.process_index}.pt")
 
 

@@ -43,3 +43,11 @@ def test_exported_names_carry_no_wrapper_prefix(ranks):
         names = rank["export_names"]
         assert names and not [n for n in names if n.startswith(("_orig_mod.", "module."))], names[:3]
         assert "0.weight" in names
+
+
+def test_evaluation_runs_a_compiled_copy_of_the_bare_model(ranks):
+    """compile = true: evaluation runs compiled too (issue 24), through a compiled wrapper of the
+    unwrapped model made once per run, not the training wrapper (DDP inside) nor eagerly."""
+    for rank in ranks:
+        assert rank["eval_graphs"] >= 1
+        assert rank["eval_model_reused"] and rank["eval_model_wraps_bare"]

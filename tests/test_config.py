@@ -240,3 +240,14 @@ def test_a_key_may_take_a_number_or_a_word_such_as_auto():
                          ({"switch": 1}, "f.toml: t.switch must be true or false or 'auto', got 1")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             _build(Section, raw, "t", "f.toml")
+
+
+def test_dali_cpu_defaults_to_auto_and_takes_true_false_or_auto(files):
+    """A train config without `dali_cpu` leaves the choice to the device (GPU decoding on a GPU
+    node, issue 24); true/false/"auto" are accepted and anything else is a one-line error."""
+    assert "dali_cpu" not in files[1].read_text()
+    assert load_config(*files).train.preprocess.dali_cpu == "auto"
+    for text, value in [("true", True), ("false", False), ('"auto"', "auto")]:
+        assert load_config(*files, [f"train.preprocess.dali_cpu={text}"]).train.preprocess.dali_cpu == value
+    assert "train.preprocess.dali_cpu must be true or false or 'auto'" in error_of(
+        *files, ['train.preprocess.dali_cpu="gpu"'])

@@ -219,6 +219,31 @@ def test_without_cuda_gpu_decoding_falls_back_to_the_cpu_and_says_so(colour_fold
                     "(train.preprocess.dali_cpu = false does not apply)"]
 
 
+@pytest.mark.parametrize("dali_cpu, cuda, on_cpu", [("auto", True, False), ("auto", False, True),
+                                                     (True, True, True), (False, True, False),
+                                                     (True, False, True), (False, False, True)])
+def test_dali_cpu_auto_decodes_on_the_gpu_whenever_cuda_is_there(dali_cpu, cuda, on_cpu):
+    """The decision behind `preprocess.dali_cpu`: "auto" (the default) is GPU decoding on a GPU
+    node, CPU decoding elsewhere; true/false force it where CUDA exists."""
+    assert dali.decodes_on_cpu(dali_cpu, cuda) is on_cpu
+
+
+def test_auto_chooses_the_gpu_decoder_on_a_cuda_node_and_says_so(monkeypatch, caplog):
+    """With CUDA (injected), the default "auto" gives the GPU decoder this process's device and
+    the start-up log names the choice."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(dali, "_announced", False)
+    with caplog.at_level("INFO", logger="train"):
+        assert dali.choose_device(PreprocessConfig().dali_cpu) == 3
+        assert dali.choose_device(True) is None
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DALI:")]
+    assert said == ['DALI: JPEG decoding on the GPU (DALI\'s mixed decoder), as train.preprocess.dali_cpu = "auto"']
+    assert dali.describe_decoding(True, True) == "DALI: JPEG decoding on the CPU, as train.preprocess.dali_cpu = true"
+    assert dali.describe_decoding("auto", False) == ('DALI: no CUDA device, so every operator runs on the CPU '
+                                                     '(train.preprocess.dali_cpu = "auto")')
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_gpu_decoding_pipeline_is_well_formed(colour_folder, training):
     # Defining a pipeline checks every operator argument, so this guards the mixed

@@ -7,7 +7,8 @@ the reason, and the rest runs. It covers DALI's GPU ("mixed") decoder for traini
 validation on a folder and on shards, and a mid-epoch DALI checkpoint restored exactly;
 bf16 and fp16 steps of ResNet-50, VGG-16-BN and ViT-B/16; SAM v1 and v2 under fp16 with an
 overflow forced; Schedule-Free with BatchNorm recalibration under bf16; ``compile = true`` and
-``sync_bn = true`` on one process; a run killed after a checkpoint, resumed, and its exported
+``sync_bn = true`` on one process; fused SGD/AdamW under fp16 with an overflow forced; DALI's
+default ``dali_cpu = "auto"`` decoding on the GPU; a run killed after a checkpoint, resumed, and its exported
 model loaded through timm. Throughput is measured apart: ``bash benchmarks/gpu_suite.sh``.
 """
 
@@ -139,6 +140,29 @@ def test_sam_under_fp16_skips_a_forced_overflow_and_goes_on(precision_run, versi
     assert sam["first"] and sam["last"] and math.isfinite(sam["last_loss"]), sam
     assert not sam["forced"] and sam["moved_by_forced"] == 0, sam
     assert sam["scale_after"] < 3e38, sam  # backed off
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_fp16_step_counts_a_forced_overflow_on_the_device(precision_run, name):
+    """Fused SGD/AdamW on CUDA (issue 24): an overflowed step leaves the weights as they were,
+    reports itself taken, and is counted once on the device for the lr schedule to take back."""
+    if precision_run["precision"] != "fp16":
+        pytest.skip("the overflow case is fp16's")
+    fused = precision_run["fused"][name]
+    assert fused["fused"] and fused["forced"] and fused["moved_by_forced"] == 0, fused
+    assert fused["skipped"] == 1 and math.isfinite(fused["last_loss"]) and fused["moved_by_last"] > 0, fused
+
+
+def test_dali_cpu_auto_decodes_on_the_gpu(folder):
+    """A config without dali_cpu (default "auto") decodes with DALI's mixed decoder on a GPU node."""
+    need_dali()
+    data = DataConfig(data_dir=str(folder), num_classes=CLASSES, dataloader=DataloaderConfig(name="dali"))
+    preprocess = PreprocessConfig(train_crop_size=64, val_image_size=72, val_crop_size=64)
+    loaders = build_loaders(data, preprocess, 16, 1, 0, seed=5, pin_memory=True)
+    assert loaders.train.runner.spec.decoder_device == "mixed"
+    loaders.set_epoch(0, 0)
+    images, _ = next(iter(loaders.train))
+    assert images.is_cuda
 
 
 # -------------------------------------------------------------------- whole runs

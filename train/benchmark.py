@@ -9,9 +9,11 @@ loss accumulation without host syncs) with rounds of a bare loop written here (t
 model, batch, precision and SGD), so both see the same machine state; it prints both
 throughputs, their ratio, peak memory and, on a GPU, the model-FLOPs utilisation.
 
-The second form ("pipeline" mode) runs the real input pipeline of a data config: the loader
-alone, then the project's step fed by it, then the same step on synthetic data, which shows
-whether data or compute limits training.
+The second form ("pipeline" mode) answers "what limits my run": it times the real input
+pipeline of a data config alone, then for each model (``--models``, default the config's
+arch) the project's step on synthetic batches and fed by the loader, and prints the ratio of
+the two, the peak memory and "limited by: loader" (real data cost the step more than 2%) or
+"limited by: compute". It runs on the CPU as well.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from .optim import build_optimizer, build_schedule, build_train_step
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for MFU.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A40": 149.7, "L40S": 362.0, "V100": 125.0, "T4": 65.0}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The loader limits a run when real batches make the step slower than this share of its
+# speed on synthetic data (the issue's target for DALI on a GPU: >= 0.98).
+LOADER_BOUND = 0.98
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -71,7 +76,7 @@ class ProjectStep:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optim_cfg = SGDConfig(momentum=0.9, weight_decay=1e-4)
-        optimizer = build_optimizer(model, optim_cfg, lr, steps_per_epoch)
+        optimizer = build_optimizer(model, optim_cfg, lr, steps_per_epoch, accelerator.device.type)
         self.scheduler = build_schedule(optimizer, CosineScheduleConfig(), lr, steps_per_epoch, 10)
         self.model, optimizer = accelerator.prepare(model, optimizer)
         self.step = build_train_step(optim_cfg, self.model, optimizer, torch.nn.CrossEntropyLoss(), accelerator, 0.0)
@@ -163,7 +168,7 @@ def step_mode(args) -> dict:
     best_ours, best_plain = max(rates["ours"]), max(rates["plain"])
     result = {
         "mode": "step", "arch": args.arch, "batch_size": args.batch_size, "image_size": args.image_size,
-        "precision": args.precision, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": args.precision, "device": device_name(device),
         "channels_last": ours.channels_last,
         "ours_images_per_s": best_ours, "plain_images_per_s": best_plain, "ratio": best_ours / best_plain,
         "ours_rounds": rates["ours"], "plain_rounds": rates["plain"],
@@ -176,31 +181,73 @@ def step_mode(args) -> dict:
     return result
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def limited_by(end_to_end: float, synthetic: float) -> str:
+    """"loader" when real data slow the step below LOADER_BOUND of the synthetic step's speed."""
+    return "loader" if end_to_end < LOADER_BOUND * synthetic else "compute"
+
+
 def pipeline_mode(args) -> dict:
+    """The loader alone, then per model its step on synthetic and on real batches."""
     config = load_config(args.data_cfg, args.train_cfg, args.overrides)
     check_supported(config.data, str(args.data_cfg))
     t = config.train
-    precision = args.precision
-    accelerator = make_accelerator(args.device, precision)
+    accelerator = make_accelerator(args.device, args.precision)
+    device = accelerator.device
     data_dir = resolve_data_dir(config.data.data_dir)
     loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), t.preprocess, t.batch_size, 1, 0,
-                            t.reproduce.seed, pin_memory=accelerator.device.type == "cuda")
-    steps = min(args.steps, loaders.steps_per_epoch)
-    loaders.set_epoch(0, 0)
-    loader_rate = timed_images_per_s(lambda images, labels: None, iter(loaders.train), steps, accelerator.device,
-                                     t.batch_size)
-    step = ProjectStep(accelerator, t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.channels_last,
-                       t.lr, loaders.steps_per_epoch)
-    loaders.set_epoch(1, 0)
-    real_rate = timed_images_per_s(step, iter(loaders.train), steps, accelerator.device, t.batch_size)
-    images, labels = next(iter(loaders.train))
-    synthetic_rate = timed_images_per_s(step, itertools.repeat((images, labels)), steps, accelerator.device,
-                                        t.batch_size)
-    return {"mode": "pipeline", "loader": config.data.dataloader.name, "arch": t.arch, "batch_size": t.batch_size,
-            "loader_images_per_s": loader_rate, "train_images_per_s": real_rate,
-            "synthetic_train_images_per_s": synthetic_rate,
-            "bound_by": "data" if loader_rate < synthetic_rate else "compute",
-            "peak_memory_mb": peak_memory_mb(accelerator.device)}
+                            t.reproduce.seed, pin_memory=device.type == "cuda")
+    steps = min(args.steps, loaders.steps_per_epoch - 1)  # the first batch of a pass (worker start-up) is untimed
+    if steps < 1:
+        raise UserError(f"{args.data_cfg}: {loaders.num_train} training images make {loaders.steps_per_epoch} "
+                        f"batches of {t.batch_size}; the benchmark needs at least 2")
+
+    def epochs():  # whole epochs one after the other, as training reads them
+        for epoch in itertools.count():
+            loaders.set_epoch(epoch, 0)
+            yield from loaders.train
+
+    batches = epochs()
+    first = next(batches)  # untimed: the loader starts (workers, pipelines)
+    loader_rate = timed_images_per_s(lambda images, labels: None, batches, steps, device, t.batch_size)
+    result = {"mode": "pipeline", "loader": config.data.dataloader.name, "batch_size": t.batch_size,
+              "crop_size": t.preprocess.train_crop_size, "precision": args.precision, "device": device_name(device),
+              "loader_images_per_s": loader_rate, "models": []}
+    for arch in args.models.split(",") if args.models else [t.arch]:
+        reset_peak_memory(device)
+        step = ProjectStep(accelerator, arch, config.data.num_classes, t.preprocess.train_crop_size,
+                           t.channels_last, t.lr, loaders.steps_per_epoch)
+        synthetic = itertools.repeat(first)
+        timed_images_per_s(step, synthetic, args.warmup, device, t.batch_size)  # allocator, cuDNN autotuning
+        synthetic_rate = timed_images_per_s(step, synthetic, steps, device, t.batch_size)
+        step(*next(batches))
+        real_rate = timed_images_per_s(step, batches, steps, device, t.batch_size)
+        result["models"].append({"arch": arch, "synthetic_train_images_per_s": synthetic_rate,
+                                 "train_images_per_s": real_rate, "end_to_end_ratio": real_rate / synthetic_rate,
+                                 "peak_memory_mb": peak_memory_mb(device),
+                                 "limited_by": limited_by(real_rate, synthetic_rate)})
+    return result
+
+
+def print_pipeline(result: dict) -> None:
+    print(f"loader {result['loader']} alone: {result['loader_images_per_s']:.1f} img/s "
+          f"(batch {result['batch_size']}, {result['crop_size']} px crops, {result['device']})")
+    memory = "peak GPU memory allocated" if result["device"] != "cpu" else "peak resident memory of the process"
+    for model in result["models"]:
+        print(f"== {model['arch']}, {result['precision']}\n"
+              f"  step on synthetic data: {model['synthetic_train_images_per_s']:.1f} img/s\n"
+              f"  step on real data:      {model['train_images_per_s']:.1f} img/s\n"
+              f"  end-to-end / synthetic: {model['end_to_end_ratio']:.3f}\n"
+              f"  {memory}: {model['peak_memory_mb']:.0f} MiB\n"
+              f"limited by: {model['limited_by']}")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (the best of each side is kept)")
     parser.add_argument("--data-cfg", type=Path, help="pipeline mode: a data config to read real batches from")
     parser.add_argument("--train-cfg", type=Path, help="pipeline mode: the training config (model, batch, crops)")
+    parser.add_argument("--models", help="pipeline mode: comma-separated timm models (default: the config's arch)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--json", type=Path, help="also write the result to this file")
     args = parser.parse_args(argv)
@@ -231,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             result = step_mode(args)
     except UserError as exc:
         return report_error(exc)
-    for key, value in result.items():
+    if result["mode"] == "pipeline":
+        print_pipeline(result)
+    for key, value in result.items() if result["mode"] == "step" else ():
         shown = f"{value:.4g}" if isinstance(value, float) else (
             ", ".join(f"{v:.1f}" for v in value) if isinstance(value, list) else value)
         print(f"{key:>28}: {shown}")

@@ -79,8 +79,10 @@ class PreprocessConfig:
     train_crop_size: int = key(176, "Side of the random-area crops the model is trained on, in pixels.", gt=0)
     val_image_size: int = key(256, "Validation: the shorter side is resized to this before the centre crop.", gt=0)
     val_crop_size: int = key(224, "Validation: side of the centre crop (at most val_image_size).", gt=0)
-    dali_cpu: bool = key(True, "DALI: decode JPEGs on the CPU; false decodes on the GPU (DALI's `mixed` decoder) "
-                               "where CUDA is present.")
+    # "auto", so that a config without the key never decodes on the CPU of a GPU node.
+    dali_cpu: bool | Literal["auto"] = key(
+        "auto", "DALI: true decodes JPEGs on the CPU, false on the GPU (DALI's `mixed` decoder); \"auto\": on the "
+                "GPU where CUDA is present, else on the CPU.")
     # The hardware decoder exists on A100 and H100; the hints are ImageNet's largest image.
     dali_hw_decoder_load: float = key(0.65, "DALI GPU decoding: share of images given to the hardware JPEG "
                                             "decoder (A100, H100).", ge=0, le=1)

@@ -24,6 +24,7 @@ from .export import write_model_folder
 from .models import bare_model
 from .optim import reported_lr
 from .optim.batchnorm import recompute_running_stats
+from .optim.schedules import rewind
 from .preemption import Action, Preempted
 from .progress import EpochProgress, format_duration, run_summary
 from .startup import Run, RunOptions, start_run
@@ -96,6 +97,8 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
             step = run.trainer.step + state.batches_done
             # Reading the loss back waits for the device, so it happens only every log_freq steps.
             loss_value = loss.item() if step % train.log.log_freq == 0 else None
+            if loss_value is not None:
+                correct_schedule(run)
             progress.update(state.batches_done, loss_value, reported_lr(run.optimizer))
             if loss_value is not None:
                 run.tracker.log_train_step(step, loss_value, reported_lr(run.optimizer), progress.images_per_s,
@@ -111,8 +114,16 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
                 break
     finally:
         progress.close()
+    correct_schedule(run)
     state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
     return True
+
+
+def correct_schedule(run: Run) -> None:
+    """Put the lr schedule back by the steps a fused fp16 optimizer skipped since the last call
+    (counted on the device, read here: once per log interval, at the epoch's end and before a
+    checkpoint). Until then the lr runs ahead by as many steps as were skipped."""
+    rewind(run.scheduler, run.train_step.take_skipped_steps())
 
 
 def epoch_mean_loss(run: Run, state: EpochState) -> float:
@@ -175,6 +186,7 @@ def hours_unit(accelerator) -> str:
 
 def save_checkpoint(run: Run, state: EpochState) -> None:
     """A checkpoint of every process at ``state``'s position (collective: all processes call it)."""
+    correct_schedule(run)
     if run.loaders.state_dict is not None:
         state.loader_state = run.loaders.state_dict()
     with run.weights.while_saving():

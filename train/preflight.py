@@ -304,6 +304,7 @@ def pipeline_balance(mini: MiniRun, figures: Figures) -> Detailed:
     steps = max(count // loaders.micro_batches_per_step, 1)
     synthetic = timed_images_per_s(train_on_batch, itertools.repeat(batch), steps, accelerator.device,
                                    micro * loaders.micro_batches_per_step)
+    run.train_step.take_skipped_steps()  # these steps never stepped the lr schedule: nothing to take back
     figures.loader_images_per_s, figures.synthetic_images_per_s = slowest(accelerator, [loader_rate, synthetic])
     bound = "the input pipeline" if figures.loader_images_per_s < figures.synthetic_images_per_s else "the model"
     if figures.seconds_per_step is not None:

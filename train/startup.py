@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 
 from . import checkpoint
 from .checkpoint import EpochState, TrainerState
@@ -50,6 +50,10 @@ from .wandb_tracking import project_name
 LOG = logging.getLogger("train")
 # How often processes waiting for the main process's one-off work ask whether it is done.
 POLL_S = 2.0
+# DDP options that change no result: BatchNorm buffers are not broadcast from process 0 before
+# every forward (only evaluation reads them, and validation.sync_buffers broadcasts them first),
+# and the gradients live in DDP's all-reduce buckets (no copy between the two per step).
+DDP_OPTIONS = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 @dataclass
@@ -119,7 +123,8 @@ def make_accelerator(train: TrainConfig, options: RunOptions) -> Accelerator:
     # RunTracker moves it into the run directory, which is named only once the processes
     # created here can agree on it (resolve_run_dir).
     return Accelerator(cpu=not cuda, mixed_precision=mixed, dynamo_backend="inductor" if train.compile else None,
-                       log_with="tensorboard", project_config=ProjectConfiguration(logging_dir="runs"))
+                       log_with="tensorboard", project_config=ProjectConfiguration(logging_dir="runs"),
+                       kwargs_handlers=[DDP_OPTIONS])
 
 
 def resolve_run_dir(accelerator: Accelerator, options: RunOptions) -> Path:
@@ -262,7 +267,7 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     config = dataclasses.replace(config, train=train)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch)
+    optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch, accelerator.device.type)
     # The schedule is stepped by hand: accelerator.prepare would step it once per process.
     scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -58,9 +58,11 @@ def gradient_norm(parameters) -> float | None:
     After Accelerate's optimizer step the gradients are unscaled (fp16) and, with DDP, the
     same on every process, so the main process's copy is the global gradient.
     """
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in parameters if p.grad is not None]
-    if not norms:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
         return None
+    # One multi-tensor kernel for all the per-tensor norms (a loop launches one per parameter).
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     return torch.linalg.vector_norm(torch.stack(norms)).item()
 
 

@@ -2,46 +2,72 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from accelerate import Accelerator
+from accelerate.utils import is_compiled_module
 from timm.utils import distribute_bn
 
 from .data import to_device
 from .models import bare_model
+
+# The compiled evaluation model of each bare model, made once per run: compiling again at
+# every evaluation would recompile its graphs every time.
+_compiled_for_evaluation: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
     """Give every process the main process's BatchNorm statistics.
 
     Each process updates its running statistics from its own shard, so they drift apart
-    between DDP's broadcasts; evaluating with identical statistics makes the result exact.
+    (DDP runs with ``broadcast_buffers=False``: nothing syncs them during training);
+    evaluating with identical statistics makes the result exact.
     """
     if accelerator.num_processes > 1:
         distribute_bn(model, accelerator.num_processes, reduce=False)  # broadcast from process 0
 
 
-@torch.no_grad()
+def evaluation_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """What evaluation runs: the unwrapped model, compiled as the training one is (``compile = true``).
+
+    Unwrapped because evaluation shards may differ in length by one batch, and no process may
+    wait on a collective operation that another never reaches; compiled apart from the
+    training wrapper (torch.compile around DDP), sharing its parameters.
+    """
+    net = bare_model(accelerator, model)
+    if not is_compiled_module(model):
+        return net
+    compiled = _compiled_for_evaluation.get(net)
+    if compiled is None:
+        compiled = _compiled_for_evaluation[net] = torch.compile(net, **accelerator.state.dynamo_plugin.to_kwargs())
+    return compiled
+
+
 def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, num_classes: int,
              channels_last: bool) -> dict:
     """Loss, top-1 and top-5 over the whole validation set, each image counted once."""
-    # The unwrapped model: evaluation shards may differ in length by one batch, and no
-    # process may wait on a collective operation that another never reaches.
-    net = bare_model(accelerator, model)
-    sync_buffers(net, accelerator)
+    net = evaluation_model(accelerator, model)
+    sync_buffers(bare_model(accelerator, model), accelerator)
     net.eval()
     top_k = min(5, num_classes)
-    # loss sum, top-1 hits, top-5 hits, samples; float64 keeps large counts exact.
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-    for images, labels in loader:
-        images, labels = to_device(images, labels, accelerator.device, channels_last)
-        with accelerator.autocast():
-            logits = net(images)
-        logits = logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
-        hits = logits.topk(top_k, dim=1).indices.eq(labels[:, None])
-        totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                               torch.tensor(len(labels), dtype=torch.float64, device=totals.device)])
-    totals = accelerator.reduce(totals, "sum").tolist()
-    samples = int(totals[3])
-    return {"val_loss": totals[0] / max(samples, 1), "val_acc1": 100 * totals[1] / max(samples, 1),
-            "val_acc5": 100 * totals[2] / max(samples, 1), "val_samples": samples}
+    # loss sum, top-1 hits, top-5 hits on the device, added to without reading them back;
+    # the sample count is known on the host. float64 keeps large counts exact.
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    samples = 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            images, labels = to_device(images, labels, accelerator.device, channels_last)
+            with accelerator.autocast():
+                logits = net(images)
+            logits = logits.float()
+            loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing,
+                                                     reduction="sum")
+            hits = logits.topk(top_k, dim=1).indices.eq(labels[:, None])
+            totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double()])
+            samples += len(labels)
+    counts = torch.cat([totals, torch.tensor([samples], dtype=torch.float64, device=totals.device)])
+    loss_sum, top1, top5, samples = accelerator.reduce(counts, "sum").tolist()
+    samples = int(samples)
+    return {"val_loss": loss_sum / max(samples, 1), "val_acc1": 100 * top1 / max(samples, 1),
+            "val_acc5": 100 * top5 / max(samples, 1), "val_samples": samples}

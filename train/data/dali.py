@@ -7,7 +7,7 @@ webdataset reader over ``train-*.tar`` / ``val-*.tar`` shards (``shards.py``).
 Training: random-area crop fused into decoding, resize to ``train_crop_size``, random
 horizontal flip, normalize, CHW float. Validation: resize the shorter side to
 ``val_image_size``, centre crop ``val_crop_size``. Decoding runs on the CPU, or on the GPU
-(``mixed``) when ``preprocess.dali_cpu = false`` and CUDA is there.
+(``mixed``) where CUDA is there, unless ``preprocess.dali_cpu = true`` (default "auto").
 
 Each process reads shard ``rank`` of ``num_processes``. DALI pads every shard to the same
 number of batches by repeating its last sample; the wrappers below turn that into what the
@@ -477,16 +477,31 @@ class DaliValLoader:
 _announced = False
 
 
-def choose_device(dali_cpu: bool) -> int | None:
+def decodes_on_cpu(dali_cpu: bool | str, cuda: bool) -> bool:
+    """``preprocess.dali_cpu`` decided: "auto" decodes on the GPU whenever CUDA is there; without
+    CUDA every setting decodes on the CPU (there is no GPU to decode on)."""
+    return not cuda or dali_cpu is True
+
+
+def describe_decoding(dali_cpu: bool | str, cuda: bool) -> str:
+    """The start-up line saying where DALI decodes, and why."""
+    value = str(dali_cpu).lower() if isinstance(dali_cpu, bool) else f'"{dali_cpu}"'
+    setting = f"train.preprocess.dali_cpu = {value}"
+    if not cuda:
+        why = " (train.preprocess.dali_cpu = false does not apply)" if dali_cpu is False else f" ({setting})"
+        return f"DALI: no CUDA device, so every operator runs on the CPU{why}"
+    where = "on the CPU" if decodes_on_cpu(dali_cpu, cuda) else "on the GPU (DALI's mixed decoder)"
+    return f"DALI: JPEG decoding {where}, as {setting}"
+
+
+def choose_device(dali_cpu: bool | str) -> int | None:
     """The CUDA device for the GPU decoder, or None to run every operator on the CPU."""
     global _announced
     cuda = torch.cuda.is_available()
     if not _announced:
         _announced = True
-        if not cuda:
-            ignored = " (train.preprocess.dali_cpu = false does not apply)" if not dali_cpu else ""
-            LOG.info(f"DALI: no CUDA device, so every operator runs on the CPU{ignored}")
-    if not cuda or dali_cpu:
+        LOG.info(describe_decoding(dali_cpu, cuda))
+    if decodes_on_cpu(dali_cpu, cuda):
         return None
     # Accelerate has made this process's GPU (its local index) the current device.
     return torch.cuda.current_device()

@@ -40,16 +40,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _sgd(groups: list[dict], cfg: SGDConfig, lr: float, steps_per_epoch: int) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+def _sgd(groups: list[dict], cfg: SGDConfig, lr: float, steps_per_epoch: int, fused: bool = False):
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused or None)
 
 
-def _adam(groups: list[dict], cfg: AdamConfig, lr: float, steps_per_epoch: int) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)
+def _adam(groups: list[dict], cfg: AdamConfig, lr: float, steps_per_epoch: int, fused: bool = False):
+    return torch.optim.Adam(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon, fused=fused or None)
 
 
-def _adamw(groups: list[dict], cfg: AdamWConfig, lr: float, steps_per_epoch: int) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon)
+def _adamw(groups: list[dict], cfg: AdamWConfig, lr: float, steps_per_epoch: int, fused: bool = False):
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.epsilon, fused=fused or None)
 
 
 def _sam_base(groups: list[dict], cfg: SGDSAMConfig, lr: float, steps_per_epoch: int) -> torch.optim.Optimizer:
@@ -75,12 +75,14 @@ class OptimizerEntry:
     weights: Callable[[torch.optim.Optimizer], TrainedWeights] = TrainedWeights
     # Start-up checks beyond the config schema: (config section, source) -> None or UserError.
     check: Callable[[Any, str], None] | None = None
+    # build takes fused=True (one kernel per step for all parameters), used on CUDA.
+    fused_on_cuda: bool = False
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "sgd": OptimizerEntry(_sgd),
-    "adam": OptimizerEntry(_adam),
-    "adamw": OptimizerEntry(_adamw),
+    "sgd": OptimizerEntry(_sgd, fused_on_cuda=True),
+    "adam": OptimizerEntry(_adam, fused_on_cuda=True),
+    "adamw": OptimizerEntry(_adamw, fused_on_cuda=True),
     "sgd-schedule-free": OptimizerEntry(schedule_free.sgd_schedule_free, weights=schedule_free.AveragedWeights,
                                         check=schedule_free.check_config),
     "adamw-schedule-free": OptimizerEntry(schedule_free.adamw_schedule_free, weights=schedule_free.AveragedWeights,
@@ -96,9 +98,13 @@ def check_supported(cfg: OptimConfig, source: str) -> None:
         check(cfg, source)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, steps_per_epoch: int) -> torch.optim.Optimizer:
-    """The optimizer for ``model``, weight decay on weight matrices and kernels only."""
-    return OPTIMIZERS[cfg.name].build(param_groups(model, cfg.weight_decay), cfg, lr, steps_per_epoch)
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, steps_per_epoch: int,
+                    device_type: str = "cpu") -> torch.optim.Optimizer:
+    """The optimizer for ``model``, weight decay on weight matrices and kernels only; fused on
+    CUDA where the entry allows it (``device_type``: where the model will train)."""
+    entry = OPTIMIZERS[cfg.name]
+    options = {"fused": True} if entry.fused_on_cuda and device_type == "cuda" else {}
+    return entry.build(param_groups(model, cfg.weight_decay), cfg, lr, steps_per_epoch, **options)
 
 
 def build_train_step(cfg: OptimConfig, model: torch.nn.Module, optimizer, criterion, accelerator: Accelerator,

@@ -144,6 +144,11 @@ class SingleStepSAM(_SAMStep):
     step's gradient is the previous global batch's, and all micro-batches share one perturbation.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ddp = getattr(self.model, "_orig_mod", self.model)  # inside torch.compile's wrapper, if any
+        self.grads_in_buckets = bool(getattr(ddp, "gradient_as_bucket_view", False))
+
     def on_micro_batches(self, micro_batches: MicroBatches) -> tuple[torch.Tensor, bool]:
         state = self.optimizer.state
         weights = [p for p in self.params if PREVIOUS_GRAD in state[p]]
@@ -159,8 +164,10 @@ class SingleStepSAM(_SAMStep):
 
     def remember_gradients(self) -> None:
         # A reference, not a copy: it is read when the next step perturbs, before that
-        # step's backward pass writes gradients (into new tensors, after zero_grad).
+        # step's backward pass writes gradients (into new tensors, after zero_grad). Under
+        # DDP with gradient_as_bucket_view the next backward writes into the same buckets,
+        # which a skipped (fp16) step must not overwrite the kept gradient with: a copy then.
         state = self.optimizer.state
         for p in self.params:
             if p.grad is not None:
-                state[p][PREVIOUS_GRAD] = p.grad
+                state[p][PREVIOUS_GRAD] = p.grad.clone() if self.grads_in_buckets else p.grad

@@ -48,3 +48,15 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_l
         group["lr"] = peak_lr
         group.setdefault("initial_lr", peak_lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step) / peak_lr)
+
+
+def rewind(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Take back ``steps`` calls to ``scheduler.step()`` (steps the optimizer skipped after
+    all): the count goes back and the optimizer's lr is set for the step it is really at."""
+    if steps <= 0:
+        return
+    scheduler.last_epoch -= steps
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -25,6 +25,12 @@ class TrainStep:
     for fp16 (by the same factor for every micro-batch: the scale changes only in the
     optimizer step), its optimizer unscales the accumulated gradients, skips steps with
     inf/NaN gradients and updates the scale.
+
+    A fused optimizer (SGD/Adam/AdamW on CUDA) under fp16 skips an overflowed step inside
+    its kernel, with no read-back, and Accelerate then reports every step as taken. The
+    skip is counted here on the device instead (the loss scale falls exactly when a step is
+    skipped); ``take_skipped_steps`` reads the count, once per log interval, so that the
+    loop can put the lr schedule back by as many steps.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, criterion, accelerator: Accelerator, grad_clip_norm: float):
@@ -34,6 +40,11 @@ class TrainStep:
         self.accelerator = accelerator
         self.grad_clip_norm = grad_clip_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
+        scaler = accelerator.scaler
+        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch one inside Accelerate's
+        self.counts_skips_on_device = bool(scaler is not None and scaler.is_enabled()
+                                           and getattr(self.inner_optimizer, "_step_supports_amp_scaling", False))
+        self.skipped_steps: torch.Tensor | None = None  # skips not yet read back (fused fp16 only)
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.criterion(self.model(images).float(), labels)
@@ -58,11 +69,31 @@ class TrainStep:
         return total / count
 
     def update(self) -> bool:
-        """Clip (when configured) and step with the gradients in ``.grad``; False if the step was skipped."""
+        """Clip (when configured) and step with the gradients in ``.grad``; False if the step
+        was skipped. A fused fp16 step always says True: its skip is counted on the device."""
         if self.grad_clip_norm > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)  # unscales first
+        if not self.counts_skips_on_device:
+            self.optimizer.step()
+            return not self.accelerator.optimizer_step_was_skipped
+        scaler = self.accelerator.scaler
+        if self.grad_clip_norm <= 0:
+            # Unscaled in place (one device kernel, as clipping does it) rather than inside the
+            # fused step: the gradients left in .grad, which the logged norm reads, are the true ones.
+            scaler.unscale_(self.inner_optimizer)
+        scale_before = scaler._scale.clone()  # GradScaler's scale tensor, which update() changes in place
         self.optimizer.step()
-        return not self.accelerator.optimizer_step_was_skipped
+        skipped = (scaler._scale < scale_before).int()
+        self.skipped_steps = skipped if self.skipped_steps is None else self.skipped_steps + skipped
+        return True
+
+    def take_skipped_steps(self) -> int:
+        """Steps skipped since the last call that ``update`` reported as taken: a host read, made
+        only when something is counted on the device (fused fp16), else 0."""
+        if self.skipped_steps is None:
+            return 0
+        count, self.skipped_steps = int(self.skipped_steps.item()), None
+        return count
 
     def on_micro_batches(self, micro_batches: MicroBatches) -> tuple[torch.Tensor, bool]:
         """One optimizer step on the batch made of ``micro_batches``.
