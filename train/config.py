@@ -202,6 +202,24 @@ class LogConfig:
 
 
 @dataclass
+class EmaConfig:
+    enabled: bool = key(False, "Keep an exponential moving average of the weights (timm's ModelEmaV3), updated "
+                               "after each optimizer step and evaluated beside the trained weights.")
+    decay: float = key(0.9998, "The average's decay per optimizer step (the most it reaches with warm-up).",
+                       ge=0, lt=1)
+    warmup: bool = key(False, "Warm the decay up: 1 - (1 + updates / warmup_gamma) ** -warmup_power, at most "
+                              "decay (timm's use_warmup).")
+    warmup_gamma: float = key(1.0, "Warm-up: the number of updates that counts as one (timm's warmup_gamma).", gt=0)
+    warmup_power: float = key(2 / 3, "Warm-up: how fast the decay rises (timm's warmup_power).", gt=0)
+    # timm's train.py leaves ModelEmaV3's exclude_buffers false: the running statistics are averaged.
+    buffers: Literal["average", "copy"] = key(
+        "average", "BatchNorm running statistics of the average: averaged like the weights (timm's default), or "
+                   "copied from the trained model at each update (timm's exclude_buffers).")
+    export: Literal["trained", "ema"] = key("trained", "Which weights <run>/model and `python -m train.export` "
+                                                       "write: the trained ones, or the average (needs enabled).")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = key(1024, "Global batch: summed over all processes.", gt=0)
     # Accumulation: each optimizer step sums the gradients of
@@ -239,6 +257,7 @@ class TrainConfig:
                                        default_factory=CosineScheduleConfig)
     reproduce: ReproduceConfig = key(doc="Seeds.", default_factory=ReproduceConfig)
     log: LogConfig = key(doc="Logging, checkpoints, W&B and the profiler.", default_factory=LogConfig)
+    ema: EmaConfig = key(doc="Exponential moving average of the weights (off by default).", default_factory=EmaConfig)
 
 
 @dataclass
@@ -514,6 +533,9 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if schedule_free and not isinstance(t.lr_scheduler, ConstantScheduleConfig):
         raise ConfigError(f"{source}: train.optim.name = {t.optim.name!r} needs train.lr_scheduler.name = "
                           f"'constant' (Schedule-Free replaces the schedule), got {t.lr_scheduler.name!r}")
+    if t.ema.export == "ema" and not t.ema.enabled:
+        raise ConfigError(f"{source}: train.ema.export = 'ema' needs train.ema.enabled = true (there is no average "
+                          "to export otherwise)")
     if t.preprocess.preload_local and config.data.data_dir.startswith("hf-hub:"):
         raise ConfigError(f"{source}: train.preprocess.preload_local = true copies a folder, but data.data_dir = "
                           f"{config.data.data_dir!r} is a Hub data set (HF_HOME moves its cache to a local disk)")

@@ -62,6 +62,8 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
 def model_card(config: Config, metrics: list[dict], command: str, described: bool = False) -> str:
     t = config.train
     last = metrics[-1] if metrics else {}
+    if t.ema.export == "ema" and last:  # the exported weights' own results
+        last = {**last, **{name: last[f"{name}_ema"] for name in ("val_loss", "val_acc1", "val_acc5")}}
     lines = [
         f"# {t.arch} trained with {t.optim.name}",
         "",
@@ -78,7 +80,10 @@ def model_card(config: Config, metrics: list[dict], command: str, described: boo
         f"shorter side resized to {t.preprocess.val_image_size}, centre crop {t.preprocess.val_crop_size}, "
         f"{t.preprocess.interpolation}",
         *([f"- BatchNorm statistics recomputed over {last['bn_stats_samples']} training images before the last "
-           "evaluation"] if last.get("bn_stats_samples") else []),
+           "evaluation"] if last.get("bn_stats_samples") and t.ema.export != "ema" else []),
+        *([f"- weights: the exponential moving average of the trained weights (decay {t.ema.decay}"
+           + (f", warm-up gamma {t.ema.warmup_gamma}, power {t.ema.warmup_power}" if t.ema.warmup else "") + ")"]
+          if t.ema.export == "ema" else []),
         f"- seed {t.reproduce.seed}",
         "",
         "## Results (last evaluation)",
@@ -139,7 +144,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     t = config.train
     model = build_model(t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.preprocess.val_crop_size,
                         t.model)
-    model.load_state_dict(unwrapped_names(load_file(str(checkpoint / WEIGHTS))))
+    # The weights the config names: the trained ones, or their moving average.
+    weights = checkpoint / (ckpt.EMA_WEIGHTS if t.ema.export == "ema" else WEIGHTS)
+    model.load_state_dict(unwrapped_names(load_file(str(weights))))
     class_names = tuple(trainer.class_names or (str(i) for i in range(config.data.num_classes)))
     return write_model_folder(out_dir, model, config, class_names, trainer.metrics,
                               f"python -m train.export {checkpoint}", tuple(trainer.class_descriptions))

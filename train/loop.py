@@ -87,8 +87,10 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
                              for images, labels in micro_batches]
             # forward and backward per micro-batch, one optimizer step (plain or SAM)
             loss, updated = run.train_step.on_micro_batches(micro_batches)
-            if updated:  # an fp16 overflow skips the step: keep the lr schedule in step with updates
+            if updated:  # an fp16 overflow skips the step: keep the lr schedule (and the average) in step
                 run.scheduler.step()
+                if run.ema is not None:
+                    run.ema.update()
             run.profiler.step()
 
             loss_sum += loss.detach()
@@ -147,6 +149,10 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
                                                statistics_asked=last and train.recompute_bn_before_final_eval)
     val = evaluate(run.model, run.loaders.val, accelerator, train.label_smoothing, run.config.data.num_classes,
                    train.channels_last)
+    if run.ema is not None:  # the moving average beside them: val_loss_ema, val_acc1_ema, ...
+        val_ema = evaluate(run.ema.module, run.loaders.val, accelerator, train.label_smoothing,
+                           run.config.data.num_classes, train.channels_last)
+        val.update({f"{name}_ema": value for name, value in val_ema.items() if name != "val_samples"})
     eval_time = time.perf_counter() - started
     trainer = run.trainer = dataclasses.replace(trainer, eval_time_s=trainer.eval_time_s + eval_time)
     steps, epoch_time = epoch_state.batches_done, epoch_state.seconds
@@ -164,7 +170,9 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
     run.tracker.log_evaluation(record)
     LOG.info(f"epoch {trainer.epoch}/{train.max_epochs} step {trainer.step}: train loss {train_loss:.4f}, "
              f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, top-5 {val['val_acc5']:.2f}% "
-             f"({val['val_samples']} images), {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s; "
+             f"({val['val_samples']} images)"
+             + (f", EMA top-1 {val['val_acc1_ema']:.2f}%, top-5 {val['val_acc5_ema']:.2f}%" if run.ema else "")
+             + f", {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s; "
              f"run eta {format_duration(eta)}, {record['gpu_hours']:.3f} {hours_unit(accelerator)} so far")
 
 
@@ -179,7 +187,7 @@ def save_checkpoint(run: Run, state: EpochState) -> None:
         state.loader_state = run.loaders.state_dict()
     with run.weights.while_saving():
         path = checkpoint.save(run.accelerator, run.run_dir, run.trainer, state, run.scheduler,
-                               run.config.train.log.keep_last)
+                               run.config.train.log.keep_last, run.ema)
     run.policy.saved()
     LOG.info(f"checkpoint: {path}")
 
@@ -199,8 +207,10 @@ def finish(run: Run) -> dict:
 
 
 def export_model(run: Run) -> Path:
-    """The model's current weights as a timm model folder, ``<run>/model`` (main process only)."""
+    """The model's current weights, or their moving average (``[train.ema] export``), as a timm
+    model folder, ``<run>/model`` (main process only)."""
     trainer = run.trainer
-    return write_model_folder(run.run_dir / "model", bare_model(run.accelerator, run.model), run.config,
+    weights = run.ema.module if run.config.train.ema.export == "ema" else bare_model(run.accelerator, run.model)
+    return write_model_folder(run.run_dir / "model", weights, run.config,
                               tuple(trainer.class_names), trainer.metrics, run.options.command,
                               tuple(trainer.class_descriptions))

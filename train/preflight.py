@@ -257,7 +257,7 @@ def checkpoint_round_trip(mini: MiniRun) -> Detailed:
     folder = checkpoint.latest_valid_checkpoint(run.run_dir)
     if folder is None or int(folder.name) != step:
         raise RuntimeError(f"the checkpoint of step {step} was not found complete in {run.run_dir / 'checkpoints'}")
-    trainer, state = checkpoint.load(run.accelerator, folder, run.scheduler)
+    trainer, state = checkpoint.load(run.accelerator, folder, run.scheduler, run.ema)
     run.trainer, mini.state = trainer, state
     if mini.step != step:
         raise RuntimeError(f"checkpoint {folder} resumes at step {mini.step}, not {step}")
