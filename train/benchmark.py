@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .config import CosineScheduleConfig, SGDConfig, load_config
+from .config import CosineScheduleConfig, SGDConfig, largest_crop, load_config
 from .data import build_loaders, check_supported, resolve_data_dir, to_device
 from .errors import UserError, report_error
 from .models import build_model, choose_channels_last
@@ -189,8 +189,8 @@ def pipeline_mode(args) -> dict:
     loaders.set_epoch(0, 0)
     loader_rate = timed_images_per_s(lambda images, labels: None, iter(loaders.train), steps, accelerator.device,
                                      t.batch_size)
-    step = ProjectStep(accelerator, t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.channels_last,
-                       t.lr, loaders.steps_per_epoch)
+    step = ProjectStep(accelerator, t.arch, config.data.num_classes, largest_crop(t.preprocess.train_crop_size),
+                       t.channels_last, t.lr, loaders.steps_per_epoch)
     loaders.set_epoch(1, 0)
     real_rate = timed_images_per_s(step, iter(loaders.train), steps, accelerator.device, t.batch_size)
     images, labels = next(iter(loaders.train))

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint as ckpt
-from .config import Config, load_config_text
+from .config import Config, CropRamp, load_config_text
 from .errors import UserError, report_error
 from .models import build_model, model_args, resolve_arch
 
@@ -59,6 +59,10 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
     }
 
 
+def describe_crop(crop: int | CropRamp) -> str:
+    return crop.describe() if isinstance(crop, CropRamp) else f"{crop} px"
+
+
 def model_card(config: Config, metrics: list[dict], command: str, described: bool = False) -> str:
     t = config.train
     last = metrics[-1] if metrics else {}
@@ -76,7 +80,7 @@ def model_card(config: Config, metrics: list[dict], command: str, described: boo
         + "".join(f", `{key} = {json.dumps(value)}`" for key, value in t.model.items()),
         f"- optimizer: `{t.optim.name}`, peak lr {t.lr}, schedule `{t.lr_scheduler.name}`",
         f"- {t.max_epochs} epochs at global batch {t.batch_size}, label smoothing {t.label_smoothing}",
-        f"- training crops {t.preprocess.train_crop_size} px (random area 10-100%, flips); evaluation: "
+        f"- training crops {describe_crop(t.preprocess.train_crop_size)} (random area 10-100%, flips); evaluation: "
         f"shorter side resized to {t.preprocess.val_image_size}, centre crop {t.preprocess.val_crop_size}, "
         f"{t.preprocess.interpolation}",
         *([f"- BatchNorm statistics recomputed over {last['bn_stats_samples']} training images before the last "

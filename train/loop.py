@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint, cost
 from .checkpoint import EpochState
-from .config import Config
+from .config import Config, CropRamp
 from .data import to_device
 from .export import write_model_folder
 from .models import bare_model
@@ -75,6 +75,8 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
     loaders.set_epoch(run.trainer.epoch, state.batches_done)
     if state.loader_state is not None and loaders.load_state_dict is not None:
         loaders.load_state_dict(state.loader_state)
+    if (side := ramp_crop_size(run)) is not None:
+        LOG.info(f"epoch {run.trainer.epoch + 1}/{train.max_epochs}: training crops of {side} px")
     progress = EpochProgress(run.trainer.epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
                              enabled=accelerator.is_main_process, start=state.batches_done)
     run.model.train()
@@ -115,6 +117,13 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
         progress.close()
     state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
     return True
+
+
+def ramp_crop_size(run: Run, epoch: int | None = None) -> int | None:
+    """The training crop side of ``epoch`` (default: the one in progress) when ``train_crop_size``
+    is a ramp; None for a fixed side, which the metrics and the log leave out as before."""
+    crop = run.config.train.preprocess.train_crop_size
+    return crop.size_at(run.trainer.epoch if epoch is None else epoch) if isinstance(crop, CropRamp) else None
 
 
 def epoch_mean_loss(run: Run, state: EpochState) -> float:
@@ -164,6 +173,8 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
               "images_per_s": steps * train.batch_size / epoch_time, "bn_stats_samples": bn_samples,
               "eval_time_s": eval_time, "eta_s": eta,
               "gpu_hours": cost.device_hours(trainer.train_time_s + trainer.eval_time_s, accelerator.num_processes)}
+    if (side := ramp_crop_size(run, trainer.epoch - 1)) is not None:  # the epoch just trained
+        record["train_crop_size"] = side
     trainer.metrics.append(record)
     if accelerator.is_main_process:
         run.metrics_log.append(record)

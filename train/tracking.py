@@ -173,4 +173,5 @@ class RunTracker:
             # the weights' moving average, when the run keeps one
             **{f"val_ema/{name}": record[f"val_{name}_ema"] for name in ("loss", "acc1", "acc5")
                if f"val_{name}_ema" in record},
+            **({"train/crop_size": record["train_crop_size"]} if "train_crop_size" in record else {}),
         }, step=record["step"])
