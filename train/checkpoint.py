@@ -25,7 +25,7 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
-from .config import flatten
+from .config import ConfigError, flatten, load_config_text, to_dict
 from .errors import StorageError, UserError, first_line
 from .files import filesystem_of, free_bytes, tree_bytes, write_json
 
@@ -344,10 +344,17 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def _read_config(path: Path) -> dict:
+    """The stored config as nested dicts, with the schema's defaults for keys it predates (a key
+    added since, at its default, is no difference); as written when it no longer validates."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{path}: cannot read the stored config ({exc})") from None
+    try:
+        return to_dict(load_config_text(text, str(path)))
+    except ConfigError:
+        return raw
 
 
 def _refuse_if_different(stored: Path, config: dict, what: str) -> None:
