@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 from helpers import (
     REPO,
     accelerate_launch,
@@ -25,13 +27,15 @@ from helpers import (
     launched_run,
     run_train,
     without_timing,
+    write,
 )
 from helpers import checkpointing_configs as configs
 
 from train import checkpoint as ckpt
-from train.cli import main
+from train.cli import BUILTIN_DATA, BUILTIN_TRAIN, main
+from train.config import load_config
 from train.preemption import EXIT_PREEMPTED, StopRequests
-from train.rundir import read_metrics
+from train.rundir import read_metrics, write_config
 
 
 def start_train(args: list[str]) -> subprocess.Popen:
@@ -227,6 +231,19 @@ def test_a_different_config_is_refused_with_the_differing_keys(reference_run, tm
     assert len(err.splitlines()) == 1
     assert "train.lr: 0.02 -> 0.5" in err and "train.optim.momentum: 0.9 -> 0.5" in err and "--output-dir" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_a_config_stored_before_a_key_existed_is_no_different(tmp_path):
+    """A run directory written before a table was added to the schema ([train.ema] here) resumes
+    under the same files: the missing keys count as their defaults, a changed one still differs."""
+    text = write_config(tmp_path, load_config(BUILTIN_DATA, BUILTIN_TRAIN)).read_text()
+    now = tomllib.loads(text)
+    del now["train"]["ema"]
+    older = write(tmp_path / "older.toml", tomli_w.dumps(now))
+    now = tomllib.loads(text)
+    assert ckpt.config_differences(ckpt._read_config(older), now) == []
+    now["train"]["ema"]["enabled"] = True
+    assert ckpt.config_differences(ckpt._read_config(older), now) == ["train.ema.enabled: False -> True"]
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, tiny_folder):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .config import CosineScheduleConfig, SGDConfig, load_config
+from .config import CosineScheduleConfig, SGDConfig, largest_crop, load_config
 from .data import build_loaders, check_supported, resolve_data_dir, to_device
 from .errors import UserError, report_error
 from .models import build_model, choose_channels_last
@@ -215,12 +215,13 @@ def pipeline_mode(args) -> dict:
     first = next(batches)  # untimed: the loader starts (workers, pipelines)
     loader_rate = timed_images_per_s(lambda images, labels: None, batches, steps, device, t.batch_size)
     result = {"mode": "pipeline", "loader": config.data.dataloader.name, "batch_size": t.batch_size,
-              "crop_size": t.preprocess.train_crop_size, "precision": args.precision, "device": device_name(device),
+              "crop_size": largest_crop(t.preprocess.train_crop_size), "precision": args.precision,
+              "device": device_name(device),
               "loader_images_per_s": loader_rate, "models": []}
     for arch in args.models.split(",") if args.models else [t.arch]:
         reset_peak_memory(device)
-        step = ProjectStep(accelerator, arch, config.data.num_classes, t.preprocess.train_crop_size,
-                           t.channels_last, t.lr, loaders.steps_per_epoch)
+        step = ProjectStep(accelerator, arch, config.data.num_classes,
+                           largest_crop(t.preprocess.train_crop_size), t.channels_last, t.lr, loaders.steps_per_epoch)
         synthetic = itertools.repeat(first)
         timed_images_per_s(step, synthetic, args.warmup, device, t.batch_size)  # allocator, cuDNN autotuning
         synthetic_rate = timed_images_per_s(step, synthetic, steps, device, t.batch_size)

@@ -3,8 +3,9 @@
 A checkpoint is ``<run>/checkpoints/<step>/``: Accelerate's ``save_state`` (model as
 safetensors, optimizer, grad scaler, each process's RNG states) plus our own JSON files
 (``trainer_state.json`` with epoch, step, time and the metrics so far; ``process_<rank>.json``
-with each process's position inside the epoch; the lr schedule), a copy of the run's
-``config.toml``, and ``manifest.json`` listing every file's size and SHA-256.
+with each process's position inside the epoch; the lr schedule), the weights' moving average
+``ema.safetensors`` when ``[train.ema]`` keeps one, a copy of the run's ``config.toml``, and
+``manifest.json`` listing every file's size and SHA-256.
 
 It is written to ``checkpoints/.tmp-<step>/`` and renamed into place only when complete, so
 a kill at any moment leaves the previous checkpoint intact; the manifest catches a checkpoint
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from accelerate.utils import gather_object
 
-from .config import flatten
+from .config import ConfigError, flatten, load_config_text, to_dict
 from .errors import StorageError, UserError, first_line
 from .files import filesystem_of, free_bytes, tree_bytes, write_json
 
@@ -35,6 +36,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 SCHEDULE_STATE = "lr_schedule.json"
 CONFIG_COPY = "config.toml"
+EMA_WEIGHTS = "ema.safetensors"
 TMP_PREFIX = ".tmp-"
 
 # Config keys that may change between a run and its resumption: they do not change what a
@@ -187,8 +189,12 @@ def remove_partial_saves(run_dir: Path) -> None:
 
 
 def save(accelerator, run_dir: Path, trainer: TrainerState, epoch_state: EpochState, scheduler,
-         keep_last: int) -> Path:
+         keep_last: int, ema=None) -> Path:
     """Write a checkpoint from every process (collective: all processes must call it).
+
+    ``ema``: the weights' moving average (``optim.ema.WeightAverage``) or None. The main
+    process's copy is stored: its weights are every process's, and its BatchNorm statistics
+    are the ones evaluations use (``validation.sync_buffers``), as for the trained weights.
 
     It is named after the global step: the epoch's starting step plus its batches done. A
     file that cannot be written (a full disk) on any process stops every process with the
@@ -213,6 +219,8 @@ def save(accelerator, run_dir: Path, trainer: TrainerState, epoch_state: EpochSt
     def complete() -> None:
         write_json(staging / TRAINER_STATE, asdict(trainer))
         write_json(staging / SCHEDULE_STATE, scheduler.state_dict())
+        if ema is not None:
+            ema.save(staging / EMA_WEIGHTS)
         shutil.copyfile(run_dir / CONFIG_COPY, staging / CONFIG_COPY)
         write_manifest(staging)
         _fsync_tree(staging)
@@ -310,13 +318,15 @@ class _Saving:
                             f"{free_bytes(root) / 2**30:.2f} GiB free, {need}; {then}")
 
 
-def load(accelerator, folder: Path, scheduler) -> tuple[TrainerState, EpochState]:
-    """Restore model, optimizer, scaler, RNG states and the schedule from ``folder``.
+def load(accelerator, folder: Path, scheduler, ema=None) -> tuple[TrainerState, EpochState]:
+    """Restore model, optimizer, scaler, RNG states, the schedule (and ``ema``'s average) from ``folder``.
 
     Accelerate reads its pickle-based files with ``weights_only`` loading; our own state is JSON.
     """
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(json.loads((folder / SCHEDULE_STATE).read_text(encoding="utf-8")))
+    if ema is not None:
+        ema.load(folder / EMA_WEIGHTS)
     return read_trainer_state(folder), read_epoch_state(folder, accelerator.process_index)
 
 
@@ -334,10 +344,17 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def _read_config(path: Path) -> dict:
+    """The stored config as nested dicts, with the schema's defaults for keys it predates (a key
+    added since, at its default, is no difference); as written when it no longer validates."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{path}: cannot read the stored config ({exc})") from None
+    try:
+        return to_dict(load_config_text(text, str(path)))
+    except ConfigError:
+        return raw
 
 
 def _refuse_if_different(stored: Path, config: dict, what: str) -> None:

@@ -69,6 +69,48 @@ class DataConfig:
 
 
 @dataclass
+class CropRamp:
+    """Training crops that grow (or shrink) over the epochs, as FFCV's progressive resizing."""
+    start: int = key(160, "Crop side up to and including start_epoch, in pixels.", gt=0)
+    end: int = key(192, "Crop side from end_epoch on, in pixels.", gt=0)
+    start_epoch: int = key(1, "Last epoch at the start size (epochs count from 1, as the log does).", ge=1)
+    end_epoch: int = key(1, "First epoch at the end size; between the two, the side moves linearly.", ge=1)
+    step: int = key(32, "Sides in between are rounded to the nearest multiple of this.", gt=0)
+
+    def size_at(self, epoch: int) -> int:
+        """The crop side of epoch ``epoch`` (0-based, as the loop counts)."""
+        number = epoch + 1
+        if number <= self.start_epoch:
+            return self.start
+        if number >= self.end_epoch:
+            return self.end
+        share = (number - self.start_epoch) / (self.end_epoch - self.start_epoch)
+        return round((self.start + share * (self.end - self.start)) / self.step) * self.step
+
+    def describe(self) -> str:
+        return (f"{self.start} -> {self.end} px over epochs {self.start_epoch}-{self.end_epoch} "
+                f"(multiples of {self.step})")
+
+
+def crop_size_at(crop: int | CropRamp, epoch: int) -> int:
+    """The training crop side of (0-based) ``epoch``, for a fixed size or a ramp."""
+    return crop.size_at(epoch) if isinstance(crop, CropRamp) else crop
+
+
+def largest_crop(crop: int | CropRamp) -> int:
+    """The largest training crop side of the run: what memory must be sized for."""
+    return max(crop.start, crop.end) if isinstance(crop, CropRamp) else crop
+
+
+def crop_sizes(crop: int | CropRamp) -> set[int]:
+    """Every training crop side the run uses (a ramp's rounding can only land on multiples of step
+    between its ends)."""
+    if not isinstance(crop, CropRamp):
+        return {crop}
+    return {crop.size_at(epoch) for epoch in range(max(crop.end_epoch, crop.start_epoch) + 1)}
+
+
+@dataclass
 class PreprocessConfig:
     preload_local: bool = key(False, "Train from a copy of data_dir on the node's local disk ($TMPDIR), made once "
                                      "per node at start-up and reused by later jobs there.")
@@ -76,7 +118,9 @@ class PreprocessConfig:
     # which is the same triangle filter when downscaling.
     interpolation: Literal["bilinear", "bicubic", "triangular"] = key(
         "bilinear", "Resampling filter for every resize, training and validation.")
-    train_crop_size: int = key(176, "Side of the random-area crops the model is trained on, in pixels.", gt=0)
+    train_crop_size: int | CropRamp = key(
+        176, "Side of the random-area crops the model is trained on, in pixels; or a table {start, end, start_epoch, "
+             "end_epoch, step} that changes it over the epochs (see [train_crop_size]).", gt=0)
     val_image_size: int = key(256, "Validation: the shorter side is resized to this before the centre crop.", gt=0)
     val_crop_size: int = key(224, "Validation: side of the centre crop (at most val_image_size).", gt=0)
     # "auto", so that a config without the key never decodes on the CPU of a GPU node.
@@ -204,6 +248,24 @@ class LogConfig:
 
 
 @dataclass
+class EmaConfig:
+    enabled: bool = key(False, "Keep an exponential moving average of the weights (timm's ModelEmaV3), updated "
+                               "after each optimizer step and evaluated beside the trained weights.")
+    decay: float = key(0.9998, "The average's decay per optimizer step (the most it reaches with warm-up).",
+                       ge=0, lt=1)
+    warmup: bool = key(False, "Warm the decay up: 1 - (1 + updates / warmup_gamma) ** -warmup_power, at most "
+                              "decay (timm's use_warmup).")
+    warmup_gamma: float = key(1.0, "Warm-up: the number of updates that counts as one (timm's warmup_gamma).", gt=0)
+    warmup_power: float = key(2 / 3, "Warm-up: how fast the decay rises (timm's warmup_power).", gt=0)
+    # timm's train.py leaves ModelEmaV3's exclude_buffers false: the running statistics are averaged.
+    buffers: Literal["average", "copy"] = key(
+        "average", "BatchNorm running statistics of the average: averaged like the weights (timm's default), or "
+                   "copied from the trained model at each update (timm's exclude_buffers).")
+    export: Literal["trained", "ema"] = key("trained", "Which weights <run>/model and `python -m train.export` "
+                                                       "write: the trained ones, or the average (needs enabled).")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = key(1024, "Global batch: summed over all processes.", gt=0)
     # Accumulation: each optimizer step sums the gradients of
@@ -241,6 +303,7 @@ class TrainConfig:
                                        default_factory=CosineScheduleConfig)
     reproduce: ReproduceConfig = key(doc="Seeds.", default_factory=ReproduceConfig)
     log: LogConfig = key(doc="Logging, checkpoints, W&B and the profiler.", default_factory=LogConfig)
+    ema: EmaConfig = key(doc="Exponential moving average of the weights (off by default).", default_factory=EmaConfig)
 
 
 @dataclass
@@ -276,6 +339,8 @@ def _fmt(value: Any) -> str:
 
 
 def _describe_type(tp: Any) -> str:
+    if _is_dataclass_type(tp):
+        return "a table"
     if get_origin(tp) is Literal:
         return " or ".join(map(repr, get_args(tp)))
     return _TYPE_NAMES[tp]
@@ -289,6 +354,8 @@ def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where} must be {' or '.join(_describe_type(m) for m in get_args(tp))}, got {_fmt(value)}")
+    if _is_dataclass_type(tp):
+        raise ConfigError(f"{where} must be a table, got {_fmt(value)}")
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -347,6 +414,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             values[name] = _build_tagged(members, value, f"{prefix}.{name}", source)
         elif _is_dataclass_type(tp):
             values[name] = _build(tp, value, f"{prefix}.{name}", source)
+        elif isinstance(value, dict) and any(_is_dataclass_type(m) for m in get_args(tp)):  # a value or a table
+            values[name] = _build(next(m for m in get_args(tp) if _is_dataclass_type(m)), value,
+                                  f"{prefix}.{name}", source)
         elif get_origin(tp) is dict:  # a free-form table, checked by whoever receives it
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} must be a table, got {_fmt(value)}")
@@ -508,6 +578,7 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if p.val_crop_size > p.val_image_size:
         raise ConfigError(f"{source}: train.preprocess.val_crop_size ({p.val_crop_size}) is larger than "
                           f"train.preprocess.val_image_size ({p.val_image_size}), the size it is cropped from")
+    check_crop_ramp(p.train_crop_size, source)
     if t.batch_size % num_processes:
         raise ConfigError(f"{source}: train.batch_size ({t.batch_size}) is not divisible by the number of "
                           f"processes ({num_processes})")
@@ -516,9 +587,23 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if schedule_free and not isinstance(t.lr_scheduler, ConstantScheduleConfig):
         raise ConfigError(f"{source}: train.optim.name = {t.optim.name!r} needs train.lr_scheduler.name = "
                           f"'constant' (Schedule-Free replaces the schedule), got {t.lr_scheduler.name!r}")
+    if t.ema.export == "ema" and not t.ema.enabled:
+        raise ConfigError(f"{source}: train.ema.export = 'ema' needs train.ema.enabled = true (there is no average "
+                          "to export otherwise)")
     if t.preprocess.preload_local and config.data.data_dir.startswith("hf-hub:"):
         raise ConfigError(f"{source}: train.preprocess.preload_local = true copies a folder, but data.data_dir = "
                           f"{config.data.data_dir!r} is a Hub data set (HF_HOME moves its cache to a local disk)")
+
+
+def check_crop_ramp(crop: int | CropRamp, source: str) -> None:
+    if not isinstance(crop, CropRamp):
+        return
+    where = f"{source}: train.preprocess.train_crop_size"
+    if crop.end_epoch < crop.start_epoch:
+        raise ConfigError(f"{where}.end_epoch ({crop.end_epoch}) is before start_epoch ({crop.start_epoch})")
+    for name in ("start", "end"):
+        if getattr(crop, name) % crop.step:
+            raise ConfigError(f"{where}.{name} ({getattr(crop, name)}) is not a multiple of step ({crop.step})")
 
 
 def divisors(n: int) -> list[int]:

@@ -44,6 +44,8 @@ def _describe_type(tp: Any) -> str:
         return " or ".join(f'`"{choice}"`' for choice in get_args(tp))
     if get_origin(tp) is dict:
         return "table"
+    if _is_dataclass_type(tp):
+        return "table (below)"
     if get_origin(tp) is not None:  # a union of choices, such as int | Literal["auto"]
         return " or ".join(_describe_type(member) for member in get_args(tp))
     return _PLAIN_TYPES[tp]
@@ -99,6 +101,10 @@ def _sections(cls: type, dotted: str, level: int) -> list[str]:
         if members is None and not _is_dataclass_type(tp):
             if get_origin(tp) is dict:  # a free-form table: its heading says what goes in it
                 lines += [f"{'#' * level} `[{f.name}]`", "", f"`{name}`: {f.metadata['doc']}", ""]
+            tables = [m for m in get_args(tp) if _is_dataclass_type(m)]
+            if tables:  # a value that may also be a table, such as train_crop_size
+                lines += [f"{'#' * level} `[{f.name}]`", "", f"`{name}` as a table: {tables[0].__doc__}", ""]
+                lines += _table(tables[0], "") + [""]
             continue
         lines += [f"{'#' * level} `[{f.name}]`", "", f"`{name}`: {f.metadata['doc']}", ""]
         if members is None:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint as ckpt
-from .config import Config, load_config_text
+from .config import Config, CropRamp, load_config_text
 from .errors import UserError, report_error
 from .models import build_model, model_args, resolve_arch
 
@@ -59,9 +59,15 @@ def timm_config(config: Config, model: torch.nn.Module, class_names: tuple[str, 
     }
 
 
+def describe_crop(crop: int | CropRamp) -> str:
+    return crop.describe() if isinstance(crop, CropRamp) else f"{crop} px"
+
+
 def model_card(config: Config, metrics: list[dict], command: str, described: bool = False) -> str:
     t = config.train
     last = metrics[-1] if metrics else {}
+    if t.ema.export == "ema" and last:  # the exported weights' own results
+        last = {**last, **{name: last[f"{name}_ema"] for name in ("val_loss", "val_acc1", "val_acc5")}}
     lines = [
         f"# {t.arch} trained with {t.optim.name}",
         "",
@@ -74,11 +80,14 @@ def model_card(config: Config, metrics: list[dict], command: str, described: boo
         + "".join(f", `{key} = {json.dumps(value)}`" for key, value in t.model.items()),
         f"- optimizer: `{t.optim.name}`, peak lr {t.lr}, schedule `{t.lr_scheduler.name}`",
         f"- {t.max_epochs} epochs at global batch {t.batch_size}, label smoothing {t.label_smoothing}",
-        f"- training crops {t.preprocess.train_crop_size} px (random area 10-100%, flips); evaluation: "
+        f"- training crops {describe_crop(t.preprocess.train_crop_size)} (random area 10-100%, flips); evaluation: "
         f"shorter side resized to {t.preprocess.val_image_size}, centre crop {t.preprocess.val_crop_size}, "
         f"{t.preprocess.interpolation}",
         *([f"- BatchNorm statistics recomputed over {last['bn_stats_samples']} training images before the last "
-           "evaluation"] if last.get("bn_stats_samples") else []),
+           "evaluation"] if last.get("bn_stats_samples") and t.ema.export != "ema" else []),
+        *([f"- weights: the exponential moving average of the trained weights (decay {t.ema.decay}"
+           + (f", warm-up gamma {t.ema.warmup_gamma}, power {t.ema.warmup_power}" if t.ema.warmup else "") + ")"]
+          if t.ema.export == "ema" else []),
         f"- seed {t.reproduce.seed}",
         "",
         "## Results (last evaluation)",
@@ -139,7 +148,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path) -> Path:
     t = config.train
     model = build_model(t.arch, config.data.num_classes, t.preprocess.train_crop_size, t.preprocess.val_crop_size,
                         t.model)
-    model.load_state_dict(unwrapped_names(load_file(str(checkpoint / WEIGHTS))))
+    # The weights the config names: the trained ones, or their moving average.
+    weights = checkpoint / (ckpt.EMA_WEIGHTS if t.ema.export == "ema" else WEIGHTS)
+    model.load_state_dict(unwrapped_names(load_file(str(weights))))
     class_names = tuple(trainer.class_names or (str(i) for i in range(config.data.num_classes)))
     return write_model_folder(out_dir, model, config, class_names, trainer.metrics,
                               f"python -m train.export {checkpoint}", tuple(trainer.class_descriptions))

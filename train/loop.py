@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint, cost
 from .checkpoint import EpochState
-from .config import Config
+from .config import Config, CropRamp
 from .data import to_device
 from .export import write_model_folder
 from .models import bare_model
@@ -76,6 +76,8 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
     loaders.set_epoch(run.trainer.epoch, state.batches_done)
     if state.loader_state is not None and loaders.load_state_dict is not None:
         loaders.load_state_dict(state.loader_state)
+    if (side := ramp_crop_size(run)) is not None:
+        LOG.info(f"epoch {run.trainer.epoch + 1}/{train.max_epochs}: training crops of {side} px")
     progress = EpochProgress(run.trainer.epoch, train.max_epochs, loaders.steps_per_epoch, train.batch_size,
                              enabled=accelerator.is_main_process, start=state.batches_done)
     run.model.train()
@@ -88,8 +90,10 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
                              for images, labels in micro_batches]
             # forward and backward per micro-batch, one optimizer step (plain or SAM)
             loss, updated = run.train_step.on_micro_batches(micro_batches)
-            if updated:  # an fp16 overflow skips the step: keep the lr schedule in step with updates
+            if updated:  # an fp16 overflow skips the step: keep the lr schedule (and the average) in step
                 run.scheduler.step()
+                if run.ema is not None:
+                    run.ema.update()
             run.profiler.step()
 
             loss_sum += loss.detach()
@@ -126,6 +130,13 @@ def correct_schedule(run: Run) -> None:
     rewind(run.scheduler, run.train_step.take_skipped_steps())
 
 
+def ramp_crop_size(run: Run, epoch: int | None = None) -> int | None:
+    """The training crop side of ``epoch`` (default: the one in progress) when ``train_crop_size``
+    is a ramp; None for a fixed side, which the metrics and the log leave out as before."""
+    crop = run.config.train.preprocess.train_crop_size
+    return crop.size_at(run.trainer.epoch if epoch is None else epoch) if isinstance(crop, CropRamp) else None
+
+
 def epoch_mean_loss(run: Run, state: EpochState) -> float:
     """The epoch's training loss averaged over all steps of all processes."""
     accelerator = run.accelerator
@@ -158,6 +169,10 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
                                                statistics_asked=last and train.recompute_bn_before_final_eval)
     val = evaluate(run.model, run.loaders.val, accelerator, train.label_smoothing, run.config.data.num_classes,
                    train.channels_last)
+    if run.ema is not None:  # the moving average beside them: val_loss_ema, val_acc1_ema, ...
+        val_ema = evaluate(run.ema.module, run.loaders.val, accelerator, train.label_smoothing,
+                           run.config.data.num_classes, train.channels_last)
+        val.update({f"{name}_ema": value for name, value in val_ema.items() if name != "val_samples"})
     eval_time = time.perf_counter() - started
     trainer = run.trainer = dataclasses.replace(trainer, eval_time_s=trainer.eval_time_s + eval_time)
     steps, epoch_time = epoch_state.batches_done, epoch_state.seconds
@@ -169,13 +184,17 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
               "images_per_s": steps * train.batch_size / epoch_time, "bn_stats_samples": bn_samples,
               "eval_time_s": eval_time, "eta_s": eta,
               "gpu_hours": cost.device_hours(trainer.train_time_s + trainer.eval_time_s, accelerator.num_processes)}
+    if (side := ramp_crop_size(run, trainer.epoch - 1)) is not None:  # the epoch just trained
+        record["train_crop_size"] = side
     trainer.metrics.append(record)
     if accelerator.is_main_process:
         run.metrics_log.append(record)
     run.tracker.log_evaluation(record)
     LOG.info(f"epoch {trainer.epoch}/{train.max_epochs} step {trainer.step}: train loss {train_loss:.4f}, "
              f"val loss {val['val_loss']:.4f}, top-1 {val['val_acc1']:.2f}%, top-5 {val['val_acc5']:.2f}% "
-             f"({val['val_samples']} images), {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s; "
+             f"({val['val_samples']} images)"
+             + (f", EMA top-1 {val['val_acc1_ema']:.2f}%, top-5 {val['val_acc5_ema']:.2f}%" if run.ema else "")
+             + f", {record['images_per_s']:.0f} img/s, epoch {epoch_time:.1f}s; "
              f"run eta {format_duration(eta)}, {record['gpu_hours']:.3f} {hours_unit(accelerator)} so far")
 
 
@@ -191,7 +210,7 @@ def save_checkpoint(run: Run, state: EpochState) -> None:
         state.loader_state = run.loaders.state_dict()
     with run.weights.while_saving():
         path = checkpoint.save(run.accelerator, run.run_dir, run.trainer, state, run.scheduler,
-                               run.config.train.log.keep_last)
+                               run.config.train.log.keep_last, run.ema)
     run.policy.saved()
     LOG.info(f"checkpoint: {path}")
 
@@ -211,8 +230,10 @@ def finish(run: Run) -> dict:
 
 
 def export_model(run: Run) -> Path:
-    """The model's current weights as a timm model folder, ``<run>/model`` (main process only)."""
+    """The model's current weights, or their moving average (``[train.ema] export``), as a timm
+    model folder, ``<run>/model`` (main process only)."""
     trainer = run.trainer
-    return write_model_folder(run.run_dir / "model", bare_model(run.accelerator, run.model), run.config,
+    weights = run.ema.module if run.config.train.ema.export == "ema" else bare_model(run.accelerator, run.model)
+    return write_model_folder(run.run_dir / "model", weights, run.config,
                               tuple(trainer.class_names), trainer.metrics, run.options.command,
                               tuple(trainer.class_descriptions))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from .config import TrainConfig, divisors
+from .config import TrainConfig, divisors, largest_crop
 from .data import to_device
 from .errors import UserError
 from .models import build_model
@@ -120,8 +120,9 @@ def gpu_peak_bytes(train: TrainConfig, num_classes: int, accelerator: Accelerato
 
 def trial_step(train: TrainConfig, num_classes: int, accelerator: Accelerator, size: int) -> None:
     """Forward, backward and optimizer step on ``size`` random images, on a model of its own."""
-    crop = train.preprocess.train_crop_size
-    model = build_model(train.arch, num_classes, crop, train.preprocess.val_crop_size).to(accelerator.device)
+    crop = largest_crop(train.preprocess.train_crop_size)  # a ramp's largest crops need the most memory
+    model = build_model(train.arch, num_classes, train.preprocess.train_crop_size,
+                        train.preprocess.val_crop_size).to(accelerator.device)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, train.optim, train.lr, steps_per_epoch=1)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 import timm
 import torch
 
-from .config import TrainConfig, convert_value
+from .config import CropRamp, TrainConfig, convert_value, crop_sizes
 from .errors import UserError, first_line
 
 ALIASES = {"vit_base_16": "vit_base_patch16_224"}
@@ -43,7 +43,8 @@ def resolve_arch(name: str) -> str:
     raise UserError(f"train.arch: unknown model {name!r}{hint}")
 
 
-def model_args(arch: str, train_crop_size: int, val_crop_size: int, extra: dict[str, Any] | None = None) -> dict:
+def model_args(arch: str, train_crop_size: int | CropRamp, val_crop_size: int,
+               extra: dict[str, Any] | None = None) -> dict:
     """timm construction arguments besides num_classes (recorded in exported config.json):
     the input size where the model needs one, then ``extra`` (the ``[model]`` table).
 
@@ -54,12 +55,12 @@ def model_args(arch: str, train_crop_size: int, val_crop_size: int, extra: dict[
     pretrained_cfg = timm.models.get_pretrained_cfg(arch)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         args["img_size"] = val_crop_size
-        if train_crop_size != val_crop_size:
+        if crop_sizes(train_crop_size) != {val_crop_size}:
             args["dynamic_img_size"] = True
     return {**args, **(extra or {})}
 
 
-def build_model(arch: str, num_classes: int, train_crop_size: int, val_crop_size: int,
+def build_model(arch: str, num_classes: int, train_crop_size: int | CropRamp, val_crop_size: int,
                 extra: dict[str, Any] | None = None) -> torch.nn.Module:
     """A randomly initialised timm model for ``num_classes`` classes; ``extra``: the ``[model]`` table."""
     arch = resolve_arch(arch)

@@ -51,7 +51,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from . import checkpoint, cost
 from .benchmark import timed_images_per_s
 from .checkpoint import EpochState
-from .config import Config
+from .config import Config, largest_crop
 from .data import to_device
 from .errors import EXIT_IO_ERROR, EXIT_USER_ERROR, SharedUserError, StorageError, UserError, first_line
 from .evaluate import load_model
@@ -243,11 +243,14 @@ def create_scratch(accelerator: Accelerator, options: RunOptions) -> Path:
 
 def miniature(config: Config) -> Config:
     """The run's config with what the preflight shortens: BatchNorm recalibration over a couple
-    of batches, no W&B run, no checkpoints on a timer (the preflight writes its own)."""
+    of batches, no W&B run, no checkpoints on a timer (the preflight writes its own). A ramp of
+    training crops is replaced by its largest side: the steps measured are the run's heaviest."""
     train = config.train
     log = dataclasses.replace(train.log, wandb_on=False, checkpoint_every_steps=0, checkpoint_every_minutes=0.0)
     stats = min(train.num_samples_for_stats, STATS_BATCHES * train.batch_size)
-    return dataclasses.replace(config, train=dataclasses.replace(train, log=log, num_samples_for_stats=stats))
+    preprocess = dataclasses.replace(train.preprocess, train_crop_size=largest_crop(train.preprocess.train_crop_size))
+    return dataclasses.replace(config, train=dataclasses.replace(train, log=log, num_samples_for_stats=stats,
+                                                                 preprocess=preprocess))
 
 
 def checkpoint_round_trip(mini: MiniRun) -> Detailed:
@@ -257,7 +260,7 @@ def checkpoint_round_trip(mini: MiniRun) -> Detailed:
     folder = checkpoint.latest_valid_checkpoint(run.run_dir)
     if folder is None or int(folder.name) != step:
         raise RuntimeError(f"the checkpoint of step {step} was not found complete in {run.run_dir / 'checkpoints'}")
-    trainer, state = checkpoint.load(run.accelerator, folder, run.scheduler)
+    trainer, state = checkpoint.load(run.accelerator, folder, run.scheduler, run.ema)
     run.trainer, mini.state = trainer, state
     if mini.step != step:
         raise RuntimeError(f"checkpoint {folder} resumes at step {mini.step}, not {step}")

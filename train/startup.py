@@ -31,7 +31,7 @@ from .data.preload import node_local_copy
 from .errors import SharedUserError, StorageError, UserError, first_line
 from .initial_weights import load_initial_weights, training_checkpoint
 from .micro_batch import choose_micro_batch
-from .models import build_model, choose_channels_last, use_sync_batchnorm
+from .models import bare_model, build_model, choose_channels_last, use_sync_batchnorm
 from .optim import (
     TrainedWeights,
     TrainStep,
@@ -41,6 +41,7 @@ from .optim import (
     evaluation_weights,
     reads_training_batches,
 )
+from .optim.ema import WeightAverage, build_weight_average
 from .preemption import CheckpointPolicy, StopRequests
 from .profiling import StepProfiler
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
@@ -86,6 +87,7 @@ class Run:
     stop: StopRequests
     policy: CheckpointPolicy
     profiler: StepProfiler  # [log] profile_steps; stepped by the loop after each training step
+    ema: WeightAverage | None = None  # [ema]: the weights' moving average, updated after each optimizer step
 
 
 def choose_mixed_precision(use_amp: bool, launcher_choice: str | None, cuda: bool,
@@ -273,11 +275,12 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     model, optimizer = accelerator.prepare(model, optimizer)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
     train_step = build_train_step(train.optim, model, optimizer, criterion, accelerator, train.grad_clip_norm)
+    ema = build_weight_average(bare_model(accelerator, model), train.ema)  # a copy on the device: after prepare
 
     trainer = TrainerState(class_names=list(loaders.class_names), class_descriptions=list(loaders.class_descriptions))
     epoch_state = EpochState()
     if resume_from is not None:
-        trainer, epoch_state = checkpoint.load(accelerator, resume_from, scheduler)
+        trainer, epoch_state = checkpoint.load(accelerator, resume_from, scheduler, ema)
         if trainer.class_names == list(loaders.class_names):
             # The data's class table may be newer than the checkpoint (or the checkpoint older
             # than class tables): exports use the current one.
@@ -307,5 +310,5 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
               weights=evaluation_weights(train.optim, optimizer), trainer=trainer, metrics_log=metrics_log,
               tracker=tracker, stop=stop, policy=policy,
               profiler=StepProfiler(train.log.profile_steps, run_dir, accelerator.is_main_process,
-                                    accelerator.device.type == "cuda"))
+                                    accelerator.device.type == "cuda"), ema=ema)
     return run, epoch_state

@@ -172,4 +172,8 @@ class RunTracker:
             "train/epoch_loss": record["train_loss"], "train/epoch": record["epoch"],
             "time/epoch_s": record["epoch_time_s"], "time/train_s": record["train_time_s"],
             "time/eval_s": record["eval_time_s"], "time/eta_s": record["eta_s"], "cost/gpu_hours": record["gpu_hours"],
+            # the weights' moving average, when the run keeps one
+            **{f"val_ema/{name}": record[f"val_{name}_ema"] for name in ("loss", "acc1", "acc5")
+               if f"val_{name}_ema" in record},
+            **({"train/crop_size": record["train_crop_size"]} if "train_crop_size" in record else {}),
         }, step=record["step"])

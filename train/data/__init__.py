@@ -146,7 +146,8 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
         steps_per_epoch=len(train_set) // global_batch,
         set_epoch=train_sampler.set_epoch,
         train_stats=lambda: hf.make_loader(
-            train_set, ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch),
+            hf.at_final_crop_size(train_set, preprocess),
+            ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch),
             workers, pin_memory),
         class_descriptions=descriptions,
         micro_batches_per_step=per_process_batch // micro_batch,

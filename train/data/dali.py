@@ -35,7 +35,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..config import PreprocessConfig
+from ..config import CropRamp, PreprocessConfig, crop_size_at
 from .classes import class_descriptions
 from .folder import DataError, scan_image_folder
 from .shards import ASCII_LABELS, is_shard_set, open_shard_set
@@ -162,6 +162,7 @@ class PipelineSpec:
     # The GPU decoder's buffers sized for ImageNet's largest image from the start: the training
     # pipeline's only (see DEVICE_MEMORY_PADDING).
     preallocate: bool = False
+    crop_size: int = 0  # training: the side crops are resized to (a ramp's for the epoch); 0: epoch 1's
 
     @property
     def decoder_device(self) -> str:
@@ -201,8 +202,8 @@ def define_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipe
             images = fn.decoders.image_random_crop(encoded, device=spec.decoder_device, output_type=types.RGB,
                                                    random_area=list(CROP_AREA), random_aspect_ratio=list(CROP_ASPECT),
                                                    num_attempts=CROP_ATTEMPTS, **_decoder_options(spec))
-            images = fn.resize(images, resize_x=p.train_crop_size, resize_y=p.train_crop_size, interp_type=interp,
-                               antialias=True)
+            side = spec.crop_size or crop_size_at(p.train_crop_size, 0)
+            images = fn.resize(images, resize_x=side, resize_y=side, interp_type=interp, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
                                               mirror=fn.random.coin_flip(probability=0.5))
         else:
@@ -349,8 +350,9 @@ class DaliTrainLoader:
     with the loop's epochs.
     """
 
-    def __init__(self, spec: PipelineSpec, epoch_length: int, pin_memory: bool):
+    def __init__(self, spec: PipelineSpec, epoch_length: int, pin_memory: bool, crop: int | CropRamp | None = None):
         self.runner = _Runner(spec, pin_memory)
+        self.crop = spec.crop_size if crop is None else crop  # the crop side, or its ramp over the epochs
         self.epoch_length = epoch_length  # batches yielded per epoch
         self.position = (0, 0)
         self.reader_batches = 0  # batches taken from the current DALI epoch, dropped ones included
@@ -370,6 +372,7 @@ class DaliTrainLoader:
         self.runner.ensure_built()
         self._go_to_requested_position()
         epoch, done = self.position
+        self._use_crop_size(crop_size_at(self.crop, epoch))
         while done < self.epoch_length:
             batch = self.runner.next_batch()
             self.reader_batches += 1
@@ -378,6 +381,14 @@ class DaliTrainLoader:
             yield batch
         self._finish_reader_epoch()
         self.position = (epoch + 1, 0)
+
+    def _use_crop_size(self, side: int) -> None:
+        """A pipeline resizing to ``side``: the current one, or (the size changed) one rebuilt from
+        the current one's checkpoint, so the reader and the random draws go on where they were."""
+        runner = self.runner
+        if runner.spec.crop_size != side:
+            runner.restore(runner.save())  # built again at the next batch
+            runner.spec = dataclasses.replace(runner.spec, crop_size=side)
 
     def _finish_reader_epoch(self) -> None:
         self.runner.skip(self.runner.batches_per_epoch - self.reader_batches)
@@ -407,11 +418,13 @@ class DaliTrainLoader:
     def fresh_copy(self) -> DaliTrainLoader:
         """Another loader of the same shard and preprocessing, from the start, with its own
         pipeline (without the decoder's preallocation; freed with the copy): this one keeps
-        its place. The first call returns the copy ``reserve_copy`` built, if any."""
+        its place. The first call returns the copy ``reserve_copy`` built, if any. Its crops
+        have a ramp's last size in every epoch: it serves evaluations (the last one above all)."""
         copy, self.reserved_copy = self.reserved_copy, None
         if copy is None:
-            copy = DaliTrainLoader(dataclasses.replace(self.runner.spec, preallocate=False), self.epoch_length,
-                                   self.runner.pin_memory)
+            final = self.crop.end if isinstance(self.crop, CropRamp) else self.crop
+            copy = DaliTrainLoader(dataclasses.replace(self.runner.spec, preallocate=False, crop_size=final),
+                                   self.epoch_length, self.runner.pin_memory)
         return copy
 
     def reserve_copy(self) -> None:
@@ -520,8 +533,10 @@ def make_loaders(train: FolderSource | ShardSource, val: FolderSource | ShardSou
                   prefetch=prefetch, shard_id=rank, num_shards=num_processes, seed=seed, device_id=device_id)
     steps_per_epoch = len(train) // (per_process_batch * num_processes)
     micro_batches_per_epoch = steps_per_epoch * (per_process_batch // micro_batch)
-    train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, preallocate=True, **common),
-                                   micro_batches_per_epoch, pin_memory and device_id is None)
+    crop = preprocess.train_crop_size
+    train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, preallocate=True,
+                                                crop_size=crop_size_at(crop, 0), **common),
+                                   micro_batches_per_epoch, pin_memory and device_id is None, crop)
     val_loader = DaliValLoader(PipelineSpec(source=val, training=False, **common), pin_memory and device_id is None)
     return train_loader, val_loader, steps_per_epoch
 

@@ -16,7 +16,7 @@ import datasets
 import torch
 from PIL import Image
 
-from ..config import DataConfig, PreprocessConfig
+from ..config import CropRamp, DataConfig, PreprocessConfig
 from ..errors import first_line
 from ..preemption import STOP_SIGNALS
 from .folder import DataError, FolderSplit
@@ -60,7 +60,7 @@ class ImageDataset(torch.utils.data.Dataset):
         where = value if isinstance(value, str) else f"#{index} of {self.table.info.dataset_name or 'the data set'}"
         image = _open_image(value, where)
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        return self.preset(image, rng), row[self.label_column]
+        return self.preset(image, rng, epoch), row[self.label_column]  # the epoch decides a ramp's crop size
 
 
 def folder_table(split: FolderSplit) -> datasets.Dataset:
@@ -99,6 +99,15 @@ def make_datasets(train_table: datasets.Dataset, val_table: datasets.Dataset, im
     val_preset = EvalPreset(preprocess.val_image_size, preprocess.val_crop_size, preprocess.interpolation)
     return (ImageDataset(train_table, image_column, label_column, train_preset, seed),
             ImageDataset(val_table, image_column, label_column, val_preset, seed))
+
+
+def at_final_crop_size(train_set: ImageDataset, preprocess: PreprocessConfig) -> ImageDataset:
+    """The training set with a ramp's last crop size in every epoch: the BatchNorm statistics
+    stream's, which serves evaluations (the last one above all, once the ramp has ended)."""
+    if not isinstance(preprocess.train_crop_size, CropRamp):
+        return train_set
+    preset = TrainPreset(preprocess.train_crop_size.end, preprocess.interpolation)
+    return ImageDataset(train_set.table, train_set.image_column, train_set.label_column, preset, train_set.seed)
 
 
 # SLURM sends the trainer's stop signals to every process of a job step: loader workers must

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..config import CropRamp, crop_size_at
+
 # The seed's DALI pipeline: random area 10%-100% of the image, aspect ratio 3/4..4/3 narrowed
 # to 0.8..1.25, up to 100 draws before falling back to the whole image.
 CROP_AREA = (0.1, 1.0)
@@ -61,15 +63,17 @@ def _to_normalized_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class TrainPreset:
-    """Random-area crop resized to ``crop_size``, random horizontal flip, normalize."""
+    """Random-area crop resized to ``crop_size`` (a side, or a ramp over the epochs), random
+    horizontal flip, normalize."""
 
-    def __init__(self, crop_size: int, interpolation: str):
+    def __init__(self, crop_size: int | CropRamp, interpolation: str):
         self.crop_size = crop_size
         self.resample = PIL_FILTERS[interpolation]
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random, epoch: int = 0) -> torch.Tensor:
         box = random_crop_box(image.width, image.height, rng)
-        image = image.resize((self.crop_size, self.crop_size), self.resample, box=box)
+        side = crop_size_at(self.crop_size, epoch)
+        image = image.resize((side, side), self.resample, box=box)
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return _to_normalized_tensor(image)
@@ -83,7 +87,7 @@ class EvalPreset:
         self.crop_size = crop_size
         self.resample = PIL_FILTERS[interpolation]
 
-    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None, epoch: int = 0) -> torch.Tensor:
         scale = self.resize_size / min(image.width, image.height)
         width = max(self.crop_size, round(image.width * scale))
         height = max(self.crop_size, round(image.height * scale))
