@@ -146,7 +146,7 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
     bn_samples = run.weights.before_evaluation(lambda: recompute_batchnorm(run),
                                                statistics_asked=last and train.recompute_bn_before_final_eval)
     val = evaluate(run.model, run.loaders.val, accelerator, train.label_smoothing, run.config.data.num_classes,
-                   train.channels_last)
+                   train.channels_last, hflip=train.eval_hflip)
     eval_time = time.perf_counter() - started
     trainer = run.trainer = dataclasses.replace(trainer, eval_time_s=trainer.eval_time_s + eval_time)
     steps, epoch_time = epoch_state.batches_done, epoch_state.seconds

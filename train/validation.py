@@ -20,10 +20,20 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
         distribute_bn(model, accelerator.num_processes, reduce=False)  # broadcast from process 0
 
 
+def predict(net: torch.nn.Module, images: torch.Tensor, hflip: bool) -> torch.Tensor:
+    """fp32 logits of ``images``; with ``hflip``, the mean of those of the images and of their
+    mirror images (flipped along the width, the last dimension in any memory format)."""
+    logits = net(images).float()
+    if hflip:
+        logits = (logits + net(images.flip(-1)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, num_classes: int,
-             channels_last: bool) -> dict:
-    """Loss, top-1 and top-5 over the whole validation set, each image counted once."""
+             channels_last: bool, hflip: bool = False) -> dict:
+    """Loss, top-1 and top-5 over the whole validation set, each image counted once;
+    ``hflip``: on the logits averaged over each image and its mirror image."""
     # The unwrapped model: evaluation shards may differ in length by one batch, and no
     # process may wait on a collective operation that another never reaches.
     net = bare_model(accelerator, model)
@@ -35,8 +45,7 @@ def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, nu
     for images, labels in loader:
         images, labels = to_device(images, labels, accelerator.device, channels_last)
         with accelerator.autocast():
-            logits = net(images)
-        logits = logits.float()
+            logits = predict(net, images, hflip)
         loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="sum")
         hits = logits.topk(top_k, dim=1).indices.eq(labels[:, None])
         totals += torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
