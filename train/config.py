@@ -396,7 +396,8 @@ def _build_tagged(members: tuple[type, ...], raw: Any, prefix: str, source: str)
     if chosen is None:
         close = difflib.get_close_matches(str(raw["name"]), list(by_tag), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{source}: {prefix}.name must be one of {', '.join(map(repr, by_tag))}, "
+        other = " or another name (a string)" if open_member is not None else ""
+        raise ConfigError(f"{source}: {prefix}.name must be one of {', '.join(map(repr, by_tag))}{other}, "
                           f"got {_fmt(raw['name'])}{hint}")
     return _build(chosen, raw, prefix, source)
 
