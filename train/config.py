@@ -225,6 +225,18 @@ class LogConfig:
 
 
 @dataclass
+class MixupConfig:
+    mixup_alpha: float = key(0.0, "MixUp: images and labels of a pair blended by a Beta(alpha, alpha) weight "
+                                  "(0: off).", ge=0)
+    cutmix_alpha: float = key(0.0, "CutMix: a box of the paired image pasted in, its area drawn from Beta(alpha, "
+                                   "alpha), labels weighed by area (0: off).", ge=0)
+    prob: float = key(1.0, "Chance that a micro-batch is mixed at all.", ge=0, le=1)
+    switch_prob: float = key(0.5, "With both alphas above 0: chance of CutMix rather than MixUp.", ge=0, le=1)
+    mode: Literal["batch", "pair", "elem"] = key("batch", "One draw per micro-batch, per pair of images, or per "
+                                                          "image.")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = key(1024, "Global batch: summed over all processes.", gt=0)
     # Accumulation: each optimizer step sums the gradients of
@@ -259,6 +271,9 @@ class TrainConfig:
     model: dict[str, Any] = key(doc="Keyword arguments for timm.create_model, checked against the model's own "
                                     "(e.g. zero_init_last = false).", default_factory=dict)
     preprocess: PreprocessConfig = key(doc="Crops, resizing and decoding.", default_factory=PreprocessConfig)
+    mixup: MixupConfig = key(doc="MixUp/CutMix (timm's Mixup) with soft-target cross-entropy, off while both alphas "
+                                 "are 0; train.label_smoothing is then applied to the mixed targets.",
+                             default_factory=MixupConfig)
     optim: OptimConfig = key(doc="The optimizer, chosen by `name`, with its own keys.", default_factory=AdamConfig)
     lr_scheduler: ScheduleConfig = key(doc="The learning-rate schedule, chosen by `name`.",
                                        default_factory=CosineScheduleConfig)
@@ -549,6 +564,10 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
         raise ConfigError(f"{source}: train.batch_size ({t.batch_size}) is not divisible by the number of "
                           f"processes ({num_processes})")
     check_micro_batch(t, source, num_processes)
+    micro = t.micro_batch_size or t.batch_size // num_processes
+    if (t.mixup.mixup_alpha > 0 or t.mixup.cutmix_alpha > 0) and micro != "auto" and micro % 2:
+        raise ConfigError(f"{source}: train.mixup mixes images in pairs, but the micro-batch has {micro} images "
+                          "per process; choose an even train.batch_size / processes (or train.micro_batch_size)")
     schedule_free = isinstance(t.optim, (SGDScheduleFreeConfig, AdamWScheduleFreeConfig))
     if schedule_free and not isinstance(t.lr_scheduler, ConstantScheduleConfig):
         raise ConfigError(f"{source}: train.optim.name = {t.optim.name!r} needs train.lr_scheduler.name = "
