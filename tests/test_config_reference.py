@@ -9,7 +9,7 @@ from typing import get_type_hints
 from helpers import REPO
 
 from train import config_reference
-from train.config import DataConfig, TrainConfig, _is_dataclass_type, _union_members
+from train.config import DataConfig, TimmOptimizerConfig, TrainConfig, _is_dataclass_type, _union_members
 
 PAGE = REPO / config_reference.DOCS_PAGE
 
@@ -45,18 +45,21 @@ def test_the_committed_page_is_what_the_schema_writes():
 
 def test_every_key_of_the_schema_has_a_row_with_its_doc_line():
     """The renderer skips no key: one row per plain key, holding its doc line; `name` (which picks an
-    optimizer or schedule) and the free-form `[model]` get a heading instead."""
+    optimizer or schedule) and the free-form `[model]` get a heading instead; the keys any other
+    (timm) optimizer passes through (`args`) a line under its heading."""
     page = config_reference.render()
     expected = []
     for cls in (DataConfig, TrainConfig):
         expected += [name for table, name in schema_keys(cls)
-                     if name != "model" and not (name == "name" and table.endswith("]"))]
+                     if name not in ("model", "args") and not (name == "name" and table.endswith("]"))]
     rows = re.findall(r"^\| `([a-z0-9_]+)` \|", page, re.M)
     assert sorted(rows) == sorted(expected)
     for cls in (DataConfig, TrainConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata["doc"] in page, f.name
     assert "`[model]`" in page and '`name = "sgd-sam"`' in page and '`name = "constant"`' in page
+    timm_args = next(f for f in dataclasses.fields(TimmOptimizerConfig) if f.name == "args").metadata["doc"]
+    assert "#### Any other `name`" in page and f"Other keys: {timm_args}" in page
 
 
 def test_every_key_is_declared_with_a_doc_line():

@@ -9,6 +9,7 @@ a modern trainer needs, each with a default that keeps the seed's files valid.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -206,9 +207,22 @@ class SGDSAMConfig:
     v2: bool = key(True, "Single-step SAM (perturbs along the previous step's gradient); false: two-step SAM.")
 
 
+@dataclass
+class TimmOptimizerConfig:
+    # The open member of the union: any name not listed above. Keys besides name and
+    # weight_decay are collected in ``args`` when read and written back beside them by to_dict;
+    # the optimizer's registry (train/optim/timm_optimizers.py) checks name and keys at start-up.
+    name: str = key("lamb", "Any other optimizer timm.optim.create_optimizer_v2 knows by name (lamb, lion, adopt, "
+                            "nadamw, ...).")
+    weight_decay: float = key(0.0, _WEIGHT_DECAY_DOC, ge=0)
+    args: dict[str, Any] = key(doc="The optimizer's own keys, written beside `name` (`betas = [0.9, 0.99]`), checked "
+                                   "against the arguments of its timm class at start-up; train.lr sets `lr`.",
+                               default_factory=dict)
+
+
 # typing.Union rather than "|": _union_members recognises tagged unions by it.
 OptimConfig = Union[SGDConfig, AdamConfig, AdamWConfig, SGDScheduleFreeConfig,  # noqa: UP007
-                    AdamWScheduleFreeConfig, SGDSAMConfig]
+                    AdamWScheduleFreeConfig, SGDSAMConfig, TimmOptimizerConfig]
 
 
 @dataclass
@@ -225,7 +239,16 @@ class ConstantScheduleConfig:
                                                 "optimizer).")
 
 
-ScheduleConfig = Union[CosineScheduleConfig, ConstantScheduleConfig]  # noqa: UP007
+@dataclass
+class TriangularScheduleConfig:
+    name: Literal["triangular"] = key("triangular", "Linear per step from lr * start_factor up to lr at peak_epoch, "
+                                                    "then linear down to end_lr at the end of training (FFCV's).")
+    peak_epoch: float = key(2, "Epoch at which the lr reaches train.lr (below train.max_epochs).", ge=0)
+    start_factor: float = key(1e-4, "The first step's lr is lr * start_factor.", ge=0, le=1)
+    end_lr: float = key(0.0, "The lr the ramp down ends at, after the last step.", ge=0)
+
+
+ScheduleConfig = Union[CosineScheduleConfig, ConstantScheduleConfig, TriangularScheduleConfig]  # noqa: UP007
 
 
 @dataclass
@@ -266,6 +289,18 @@ class EmaConfig:
 
 
 @dataclass
+class MixupConfig:
+    mixup_alpha: float = key(0.0, "MixUp: images and labels of a pair blended by a Beta(alpha, alpha) weight "
+                                  "(0: off).", ge=0)
+    cutmix_alpha: float = key(0.0, "CutMix: a box of the paired image pasted in, its area drawn from Beta(alpha, "
+                                   "alpha), labels weighed by area (0: off).", ge=0)
+    prob: float = key(1.0, "Chance that a micro-batch is mixed at all.", ge=0, le=1)
+    switch_prob: float = key(0.5, "With both alphas above 0: chance of CutMix rather than MixUp.", ge=0, le=1)
+    mode: Literal["batch", "pair", "elem"] = key("batch", "One draw per micro-batch, per pair of images, or per "
+                                                          "image.")
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = key(1024, "Global batch: summed over all processes.", gt=0)
     # Accumulation: each optimizer step sums the gradients of
@@ -291,6 +326,8 @@ class TrainConfig:
     sync_bn: bool = key(False, "BatchNorm statistics over the global batch (SyncBatchNorm), for small per-GPU "
                                "batches; one collective per BN layer. GPUs only.")
     eval_freq: int = key(1, "Epochs between evaluations (the last epoch always evaluates).", gt=0)
+    eval_hflip: bool = key(False, "Evaluate on the mean of the logits of each validation image and of its mirror "
+                                  "image (two forward passes).")
     num_samples_for_stats: int = key(102400, "Training images BatchNorm statistics are recomputed over.", gt=0)
     recompute_bn_before_final_eval: bool = key(
         False, "Recompute BatchNorm statistics before the last evaluation (and so for the exported model), as the "
@@ -298,6 +335,9 @@ class TrainConfig:
     model: dict[str, Any] = key(doc="Keyword arguments for timm.create_model, checked against the model's own "
                                     "(e.g. zero_init_last = false).", default_factory=dict)
     preprocess: PreprocessConfig = key(doc="Crops, resizing and decoding.", default_factory=PreprocessConfig)
+    mixup: MixupConfig = key(doc="MixUp/CutMix (timm's Mixup) with soft-target cross-entropy, off while both alphas "
+                                 "are 0; train.label_smoothing is then applied to the mixed targets.",
+                             default_factory=MixupConfig)
     optim: OptimConfig = key(doc="The optimizer, chosen by `name`, with its own keys.", default_factory=AdamConfig)
     lr_scheduler: ScheduleConfig = key(doc="The learning-rate schedule, chosen by `name`.",
                                        default_factory=CosineScheduleConfig)
@@ -330,8 +370,10 @@ def _union_members(tp: Any) -> tuple[type, ...] | None:
     return None
 
 
-def _tag(cls: type) -> str:
-    return get_args(get_type_hints(cls)["name"])[0]
+def _tag(cls: type) -> str | None:
+    """The member's ``name``; None for the open member, whose ``name`` is any string."""
+    choices = get_args(get_type_hints(cls)["name"])
+    return choices[0] if choices else None
 
 
 def _fmt(value: Any) -> str:
@@ -431,16 +473,28 @@ def _build_tagged(members: tuple[type, ...], raw: Any, prefix: str, source: str)
     """Pick the member of a tagged union by the table's ``name`` key, then build it."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix} must be a table, got {_fmt(raw)}")
-    by_tag = {_tag(m): m for m in members}
+    by_tag = {_tag(m): m for m in members if _tag(m) is not None}
+    open_member = next((m for m in members if _tag(m) is None), None)
     if "name" not in raw:
         raise ConfigError(f"{source}: {prefix}.name is missing; choose one of {', '.join(map(repr, by_tag))}")
     chosen = by_tag.get(raw["name"])
+    if chosen is None and open_member is not None and isinstance(raw["name"], str):
+        return _build_open(open_member, raw, prefix, source)
     if chosen is None:
         close = difflib.get_close_matches(str(raw["name"]), list(by_tag), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{source}: {prefix}.name must be one of {', '.join(map(repr, by_tag))}, "
+        other = " or another name (a string)" if open_member is not None else ""
+        raise ConfigError(f"{source}: {prefix}.name must be one of {', '.join(map(repr, by_tag))}{other}, "
                           f"got {_fmt(raw['name'])}{hint}")
     return _build(chosen, raw, prefix, source)
+
+
+def _build_open(cls: type, raw: dict, prefix: str, source: str) -> Any:
+    """The open member of a tagged union: its declared keys as usual, every other key into ``args``."""
+    declared = {f.name for f in dataclasses.fields(cls)} - {"args"}
+    built = _build(cls, {k: v for k, v in raw.items() if k in declared}, prefix, source)
+    built.args = {k: v for k, v in raw.items() if k not in declared}
+    return built
 
 
 # -------------------------------------------------------------------- files and --set
@@ -583,6 +637,10 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
         raise ConfigError(f"{source}: train.batch_size ({t.batch_size}) is not divisible by the number of "
                           f"processes ({num_processes})")
     check_micro_batch(t, source, num_processes)
+    micro = t.micro_batch_size or t.batch_size // num_processes
+    if (t.mixup.mixup_alpha > 0 or t.mixup.cutmix_alpha > 0) and micro != "auto" and micro % 2:
+        raise ConfigError(f"{source}: train.mixup mixes images in pairs, but the micro-batch has {micro} images "
+                          "per process; choose an even train.batch_size / processes (or train.micro_batch_size)")
     schedule_free = isinstance(t.optim, (SGDScheduleFreeConfig, AdamWScheduleFreeConfig))
     if schedule_free and not isinstance(t.lr_scheduler, ConstantScheduleConfig):
         raise ConfigError(f"{source}: train.optim.name = {t.optim.name!r} needs train.lr_scheduler.name = "
@@ -590,6 +648,9 @@ def check_consistency(config: Config, source: str, num_processes: int) -> None:
     if t.ema.export == "ema" and not t.ema.enabled:
         raise ConfigError(f"{source}: train.ema.export = 'ema' needs train.ema.enabled = true (there is no average "
                           "to export otherwise)")
+    if isinstance(t.lr_scheduler, TriangularScheduleConfig) and t.lr_scheduler.peak_epoch >= t.max_epochs:
+        raise ConfigError(f"{source}: train.lr_scheduler.peak_epoch ({_fmt(t.lr_scheduler.peak_epoch)}) must be below "
+                          f"train.max_epochs ({t.max_epochs}): the ramp down needs steps after the peak")
     if t.preprocess.preload_local and config.data.data_dir.startswith("hf-hub:"):
         raise ConfigError(f"{source}: train.preprocess.preload_local = true copies a folder, but data.data_dir = "
                           f"{config.data.data_dir!r} is a Hub data set (HF_HOME moves its cache to a local disk)")
@@ -628,8 +689,14 @@ def check_micro_batch(t: TrainConfig, source: str, num_processes: int) -> None:
 
 
 def to_dict(config: Any) -> dict:
-    """The config as nested plain dicts, ready for TOML."""
-    return dataclasses.asdict(config)
+    """The config as nested plain dicts, ready for TOML; an open member's ``args`` beside its other keys,
+    as they were read."""
+    if not dataclasses.is_dataclass(config):
+        return copy.deepcopy(config)
+    table = {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, TimmOptimizerConfig):
+        table.update(table.pop("args"))
+    return table
 
 
 def flatten(table: dict, prefix: str = "") -> dict:

@@ -114,10 +114,13 @@ def _sections(cls: type, dotted: str, level: int) -> list[str]:
         lines += [f"Chosen by `name`; the default is `name = \"{default}\"`. Each choice has its own keys:", ""]
         for member in members:
             tag = _tag(member)
-            doc = next(m.metadata["doc"] for m in dataclasses.fields(member) if m.name == "name")
-            lines += [f"{'#' * (level + 1)} `name = \"{tag}\"`", "", doc, ""]
+            docs = {m.name: m.metadata["doc"] for m in dataclasses.fields(member)}
+            heading = f'`name = "{tag}"`' if tag is not None else "Any other `name`"  # the open member
+            lines += [f"{'#' * (level + 1)} {heading}", "", docs["name"], ""]
             table = _table(member, "", skip=("name",))
             lines += (table + [""]) if table else ["No other keys.", ""]
+            if tag is None:  # the open member passes its other keys through
+                lines += [f"Other keys: {docs['args']}", ""]
     return lines
 
 

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="for the reported loss")
+    parser.add_argument("--hflip", action="store_true",
+                        help="average the logits of each image and of its mirror image (test-time flip)")
     parser.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                         help="first recompute BatchNorm statistics over N training images (train/ split)")
     args = parser.parse_args(argv)
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                                        lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
         if accelerator.is_main_process:
             print(f"BatchNorm statistics recomputed over {used * args.batch_size} training images")
-    result = evaluate(model, loaders.val, accelerator, args.label_smoothing, data.num_classes, channels_last=False)
+    result = evaluate(model, loaders.val, accelerator, args.label_smoothing, data.num_classes, channels_last=False,
+                      hflip=args.hflip)
     if accelerator.is_main_process:
         print(f"top-1 {result['val_acc1']:.2f}%  top-5 {result['val_acc5']:.2f}%  loss {result['val_loss']:.4f}  "
               f"({result['val_samples']} images)")

@@ -168,10 +168,10 @@ def evaluate_and_record(run: Run, train_loss: float, epoch_state: EpochState) ->
     bn_samples = run.weights.before_evaluation(lambda: recompute_batchnorm(run),
                                                statistics_asked=last and train.recompute_bn_before_final_eval)
     val = evaluate(run.model, run.loaders.val, accelerator, train.label_smoothing, run.config.data.num_classes,
-                   train.channels_last)
+                   train.channels_last, hflip=train.eval_hflip)
     if run.ema is not None:  # the moving average beside them: val_loss_ema, val_acc1_ema, ...
         val_ema = evaluate(run.ema.module, run.loaders.val, accelerator, train.label_smoothing,
-                           run.config.data.num_classes, train.channels_last)
+                           run.config.data.num_classes, train.channels_last, hflip=train.eval_hflip)
         val.update({f"{name}_ema": value for name, value in val_ema.items() if name != "val_samples"})
     eval_time = time.perf_counter() - started
     trainer = run.trainer = dataclasses.replace(trainer, eval_time_s=trainer.eval_time_s + eval_time)

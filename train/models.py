@@ -95,8 +95,26 @@ def check_model(train: TrainConfig, num_classes: int, source: str) -> None:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(names)}" if names else ""
             raise UserError(f"{source}: train.model.{key}: {arch} takes no argument {key!r}{hint}") from None
+        if isinstance(train.model.get("aa_layer"), str) and "issubclass" in str(exc):
+            raise UserError(f"{source}: train.model.aa_layer: {_aa_layer_refusal(arch, train.model['aa_layer'])}") \
+                from None
         raise UserError(f"{source}: train.model: timm cannot build {arch} with {train.model}: "
                         f"{first_line(exc) or type(exc).__name__}") from None
+
+
+def _aa_layer_refusal(arch: str, value: str) -> str:
+    """Why a layer name cannot reach ``arch`` and what to train instead.
+
+    timm's ResNet stem tests ``issubclass(aa_layer, ...)``, so it takes a class only, and a
+    config (or the exported config.json timm rebuilds from) can hold only a name. timm registers
+    ResNets with the layer built in (resnetblur*, BlurPool2d; resnetaa*, average pooling).
+    """
+    family = "resnetaa" if value == "avg" else "resnetblur"
+    built_in = timm.list_models(f"{family}*")
+    close = difflib.get_close_matches(arch.replace("resnet", family, 1), built_in, n=1, cutoff=0.8)
+    hint = f"arch = {close[0]!r}" if close else f"one of {', '.join(built_in)}"
+    return (f"timm's {arch} takes a layer class here, not a name such as {value!r} (all a config and the exported "
+            f"config.json can hold); train an architecture with it built in instead: {hint}")
 
 
 def _build_unallocated(arch: str, num_classes: int, args: dict) -> torch.nn.Module:

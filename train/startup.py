@@ -31,6 +31,7 @@ from .data.preload import node_local_copy
 from .errors import SharedUserError, StorageError, UserError, first_line
 from .initial_weights import load_initial_weights, training_checkpoint
 from .micro_batch import choose_micro_batch
+from .mixing import training_criterion, with_mixing
 from .models import bare_model, build_model, choose_channels_last, use_sync_batchnorm
 from .optim import (
     TrainedWeights,
@@ -273,8 +274,9 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     # The schedule is stepped by hand: accelerator.prepare would step it once per process.
     scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
-    train_step = build_train_step(train.optim, model, optimizer, criterion, accelerator, train.grad_clip_norm)
+    criterion = training_criterion(train)  # soft-target cross-entropy when [mixup] mixes the batches
+    train_step = with_mixing(build_train_step(train.optim, model, optimizer, criterion, accelerator,
+                                              train.grad_clip_norm), train, config.data.num_classes)
     ema = build_weight_average(bare_model(accelerator, model), train.ema)  # a copy on the device: after prepare
 
     trainer = TrainerState(class_names=list(loaders.class_names), class_descriptions=list(loaders.class_descriptions))

@@ -28,6 +28,15 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
         distribute_bn(model, accelerator.num_processes, reduce=False)  # broadcast from process 0
 
 
+def predict(net: torch.nn.Module, images: torch.Tensor, hflip: bool) -> torch.Tensor:
+    """fp32 logits of ``images``; with ``hflip``, the mean of those of the images and of their
+    mirror images (flipped along the width, the last dimension in any memory format)."""
+    logits = net(images).float()
+    if hflip:
+        logits = (logits + net(images.flip(-1)).float()) / 2
+    return logits
+
+
 def evaluation_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """What evaluation runs: the unwrapped model, compiled as the training one is (``compile = true``).
 
@@ -45,8 +54,9 @@ def evaluation_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.
 
 
 def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, num_classes: int,
-             channels_last: bool) -> dict:
-    """Loss, top-1 and top-5 over the whole validation set, each image counted once."""
+             channels_last: bool, hflip: bool = False) -> dict:
+    """Loss, top-1 and top-5 over the whole validation set, each image counted once;
+    ``hflip``: on the logits averaged over each image and its mirror image."""
     net = evaluation_model(accelerator, model)
     sync_buffers(bare_model(accelerator, model), accelerator)
     net.eval()
@@ -59,8 +69,7 @@ def evaluate(model, loader, accelerator: Accelerator, label_smoothing: float, nu
         for images, labels in loader:
             images, labels = to_device(images, labels, accelerator.device, channels_last)
             with accelerator.autocast():
-                logits = net(images)
-            logits = logits.float()
+                logits = predict(net, images, hflip)
             loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing,
                                                      reduction="sum")
             hits = logits.topk(top_k, dim=1).indices.eq(labels[:, None])

@@ -4,6 +4,7 @@
 - ``step``: the plain train step (forward and backward per micro-batch, one optimizer step through Accelerate);
 - ``sam``: SAM's two-step (v1) and single-step (v2) train steps;
 - ``schedule_free``: Schedule-Free SGD/AdamW and their averaged-weights evaluation hook;
+- ``timm_optimizers``: any other optimizer timm's ``create_optimizer_v2`` knows, its keys checked against its class;
 - ``weights``: the evaluation hook's default (evaluate the weights being trained);
 - ``schedules``: lr schedules, stepped once per optimizer step;
 - ``batchnorm``: recomputing or freezing BatchNorm running statistics.

@@ -3,7 +3,8 @@
 An entry says how to build the torch optimizer, which train step drives it (``step.py``, or
 SAM's in ``sam.py``), which weights the run evaluates (``weights.py``; Schedule-Free's average
 in ``schedule_free.py``) and what to check at start-up beyond the config schema. Adding an
-optimizer is a config section in ``train/config.py`` and an entry here.
+optimizer is a config section in ``train/config.py`` and an entry here. Any other name timm's
+``create_optimizer_v2`` knows gets the plain step and weights (``timm_optimizers.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from accelerate import Accelerator
 from timm.optim import param_groups_weight_decay
 
-from ..config import AdamConfig, AdamWConfig, OptimConfig, SGDConfig, SGDSAMConfig
-from . import schedule_free
+from ..config import AdamConfig, AdamWConfig, OptimConfig, SGDConfig, SGDSAMConfig, TimmOptimizerConfig
+from . import schedule_free, timm_optimizers
 from .sam import SingleStepSAM, TwoStepSAM
 from .step import TrainStep
 from .weights import TrainedWeights
@@ -91,9 +92,22 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
 }
 
 
+def _timm_build(groups: list[dict], cfg: TimmOptimizerConfig, lr: float, steps_per_epoch: int) -> torch.optim.Optimizer:
+    return timm_optimizers.build(cfg, groups, lr)
+
+
+# Every name the schema lets through beyond the entries above (TimmOptimizerConfig).
+TIMM_ENTRY = OptimizerEntry(_timm_build, check=lambda cfg, source: timm_optimizers.check_config(
+    cfg, source, list(OPTIMIZERS)))
+
+
+def entry(cfg: OptimConfig) -> OptimizerEntry:
+    return TIMM_ENTRY if isinstance(cfg, TimmOptimizerConfig) else OPTIMIZERS[cfg.name]
+
+
 def check_supported(cfg: OptimConfig, source: str) -> None:
-    """Start-up checks of the chosen optimizer's values (the schema has checked the name)."""
-    check = OPTIMIZERS[cfg.name].check
+    """Start-up checks of the chosen optimizer's values (the schema has checked the built-in names)."""
+    check = entry(cfg).check
     if check is not None:
         check(cfg, source)
 
@@ -102,25 +116,25 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, steps_p
                     device_type: str = "cpu") -> torch.optim.Optimizer:
     """The optimizer for ``model``, weight decay on weight matrices and kernels only; fused on
     CUDA where the entry allows it (``device_type``: where the model will train)."""
-    entry = OPTIMIZERS[cfg.name]
-    options = {"fused": True} if entry.fused_on_cuda and device_type == "cuda" else {}
-    return entry.build(param_groups(model, cfg.weight_decay), cfg, lr, steps_per_epoch, **options)
+    chosen = entry(cfg)
+    options = {"fused": True} if chosen.fused_on_cuda and device_type == "cuda" else {}
+    return chosen.build(param_groups(model, cfg.weight_decay), cfg, lr, steps_per_epoch, **options)
 
 
 def build_train_step(cfg: OptimConfig, model: torch.nn.Module, optimizer, criterion, accelerator: Accelerator,
                      grad_clip_norm: float) -> TrainStep:
     """The step that drives this optimizer; ``model`` and ``optimizer`` as returned by ``prepare``."""
-    return OPTIMIZERS[cfg.name].train_step(cfg, model, optimizer, criterion, accelerator, grad_clip_norm)
+    return entry(cfg).train_step(cfg, model, optimizer, criterion, accelerator, grad_clip_norm)
 
 
 def evaluation_weights(cfg: OptimConfig, optimizer: torch.optim.Optimizer) -> TrainedWeights:
     """The hook that decides which weights are evaluated and saved; ``optimizer`` as prepared."""
-    return OPTIMIZERS[cfg.name].weights(optimizer)
+    return entry(cfg).weights(optimizer)
 
 
 def reads_training_batches(cfg: OptimConfig) -> bool:
     """Whether the optimizer's evaluation hook reads training batches (BatchNorm statistics)."""
-    return OPTIMIZERS[cfg.name].weights.reads_training_batches
+    return entry(cfg).weights.reads_training_batches
 
 
 def reported_lr(optimizer: torch.optim.Optimizer) -> float:

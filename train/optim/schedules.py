@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import ConstantScheduleConfig, ScheduleConfig
+from ..config import ConstantScheduleConfig, CosineScheduleConfig, ScheduleConfig
 
 
 def cosine_with_warmup(peak_lr: float, warmup_steps: int, total_steps: int, warmup_decay: float,
@@ -29,12 +29,30 @@ def constant(peak_lr: float) -> Callable[[int], float]:
     return lambda step: peak_lr
 
 
+def triangular(peak_lr: float, peak_steps: int, total_steps: int, start_factor: float,
+               end_lr: float) -> Callable[[int], float]:
+    """lr(step): linear from ``peak_lr * start_factor`` at step 0 to ``peak_lr`` at ``peak_steps``,
+    then linear down to ``end_lr`` at ``total_steps`` (the step after the last update), as FFCV's
+    ResNet recipes interpolate their per-epoch values per step. Past ``total_steps`` it stays there."""
+
+    def lr_at(step: int) -> float:
+        if step < peak_steps:
+            return peak_lr * (start_factor + (1 - start_factor) * step / peak_steps)
+        progress = min(1.0, (step - peak_steps) / max(1, total_steps - peak_steps))
+        return peak_lr + (end_lr - peak_lr) * progress
+
+    return lr_at
+
+
 def lr_function(cfg: ScheduleConfig, peak_lr: float, steps_per_epoch: int, max_epochs: int) -> Callable[[int], float]:
-    """lr(step) of ``[lr_scheduler]``: the schema allows "constant" and "cosine" only."""
+    """lr(step) of ``[lr_scheduler]``: "constant", "cosine" or "triangular"."""
     if isinstance(cfg, ConstantScheduleConfig):
         return constant(peak_lr)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    return cosine_with_warmup(peak_lr, warmup_steps, steps_per_epoch * max_epochs, cfg.warmup_decay, cfg.eta_min)
+    total_steps = steps_per_epoch * max_epochs
+    if isinstance(cfg, CosineScheduleConfig):
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        return cosine_with_warmup(peak_lr, warmup_steps, total_steps, cfg.warmup_decay, cfg.eta_min)
+    return triangular(peak_lr, round(cfg.peak_epoch * steps_per_epoch), total_steps, cfg.start_factor, cfg.end_lr)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, peak_lr: float,
