@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import get_type_hints
+from typing import get_args, get_type_hints
 
 from helpers import REPO
 
@@ -31,6 +31,9 @@ def schema_keys(cls: type) -> list[tuple[str, str]]:
                 walk(tp, f"{table}.{f.name}")
             else:
                 found.append((table, f.name))
+                for member in get_args(tp):  # a value that may also be a table (train_crop_size)
+                    if _is_dataclass_type(member):
+                        walk(member, f"{table}.{f.name}")
 
     walk(cls, "data" if cls is DataConfig else "train")
     return found
