@@ -60,6 +60,10 @@ class MixingStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return self.on_micro_batches([(images, labels)])
 
+    def take_skipped_steps(self) -> int:
+        """The wrapped step's count of skipped fp16 steps (the loop puts the lr schedule back by it)."""
+        return self.step.take_skipped_steps()
+
 
 def with_mixing(step: TrainStep, train: TrainConfig, num_classes: int) -> TrainStep | MixingStep:
     """``step`` as it is when mixing is off; else wrapped so that it mixes each micro-batch."""
