@@ -8,8 +8,15 @@ what SLURM reports and at the run directory. The jobs run at the same time, each
 thread of its own; the tests then only collect.
 
 The model is a tiny ViT: LayerNorm only, so the two processes' run (4 images each per step)
-equals one process's run of the same global batch with micro-batches of 4 (no per-batch
-BatchNorm statistics differ), to float rounding.
+equals one process's run of the same config and global batch (no per-batch BatchNorm
+statistics differ), to float rounding.
+
+The faults (a node's processes killed, a rank stopped, a node's link cut) are injected in
+the second epoch (the link cut in a job of its own once the others have ended: it cuts off
+every job on the node), with checkpoints every 4 steps, and short timeouts given on the command line
+(``--set train.collective_timeout_s=...``): each job must end within a bounded time of the
+fault, be requeued, resume from a checkpoint written before it, and end as the uninterrupted
+job did.
 
 Where SLURM or network namespaces are unavailable the tests are skipped with the reason; with
 REQUIRE_REAL_SLURM=1 (``.ci/run`` sets it) they fail instead.
@@ -17,10 +24,14 @@ REQUIRE_REAL_SLURM=1 (``.ci/run`` sets it) they fail instead.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,7 +41,7 @@ from test_slurm_real import JOB_TIMEOUT_S, Job, client_env, unavailable
 
 from train.rundir import read_metrics
 
-EPOCHS = 3
+EPOCHS = 2
 HOSTS = [name for name, _ in NODES]
 HEAD_ADDRESS_NAME = HOSTS[0]  # the rendezvous is the head node's name, resolved on each node to its address
 
@@ -52,10 +63,11 @@ def cluster(tmp_path_factory) -> TwoNodeCluster:
     cluster.stop()
 
 
-def train_toml(**values) -> str:
-    """3 epochs of 6 steps of 8 images, one checkpoint only at a stop (and the end)."""
+def train_toml(checkpoint_every_steps: int = 0, **values) -> str:
+    """2 epochs of 6 steps of 8 images; checkpoints at a stop, the end and every N steps if given."""
     values = {"arch": '"vit_tiny_patch16_224"', "max_epochs": EPOCHS, "lr": 0.02, **values}
-    return tiny_train_toml(**values) + "checkpoint_freq = 1000\n"
+    return (tiny_train_toml(**values) + "checkpoint_freq = 1000\n"
+            + f"checkpoint_every_steps = {checkpoint_every_steps}\n")
 
 
 def prepare(root: Path, folder: Path, **train) -> None:
@@ -76,8 +88,8 @@ def submit(cluster: TwoNodeCluster, root: Path, folder: Path, *args: str, **trai
 
 
 def one_process_run(root: Path, folder: Path) -> list[dict]:
-    """The same config in one process on this machine, micro-batches of 4 as each node's process has."""
-    prepare(root, folder, micro_batch_size=4)
+    """The same config in one process on this machine."""
+    prepare(root, folder)
     result = run_train(["--data-cfg", str(root / "data.toml"), "--train-cfg", str(root / "train.toml"),
                         "--output-dir", str(root / "run")], timeout=JOB_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,6 +106,94 @@ def preempted_by_usr1(job: Job) -> dict[str, str]:
     return job.wait_until_gone()
 
 
+FAULT_BOUND_S = 150  # from a fault to the end of the attempt, on a loaded 2-core machine (timeouts 20-30 s)
+
+
+@dataclass
+class Fault:
+    """When a fault was injected and when the attempt it hit had ended (the job requeued)."""
+    step: int  # the last step the log showed when it was injected
+    newest_checkpoint: int  # the step of the newest complete checkpoint then
+    injected: float
+    ended: float | None = None
+
+
+def fault_now(job: Job) -> Fault:
+    folder = job.run_dir / "checkpoints"
+    complete = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return Fault(progress_step(job), max(complete, default=0), time.monotonic())
+
+
+def progress_step(job: Job) -> int:
+    """The last step of the run the job's log shows ("epoch 2/3 step 4/6 loss ...", every log_freq = 2 steps)."""
+    steps = re.findall(r"epoch (\d+)/\d+ step (\d+)/(\d+) loss", job.output())
+    return (int(steps[-1][0]) - 1) * int(steps[-1][2]) + int(steps[-1][1]) if steps else 0
+
+
+def wait_for_step(job: Job, step: int) -> None:
+    """Until the first attempt has logged ``step`` of the run (in epoch 2; the checkpoint of step 4 written)."""
+    job.wait_for_first_epoch()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while progress_step(job) < step:
+        assert time.monotonic() < deadline, f"job {job.id}: no step {step}:\n{job.output()[-3000:]}"
+        time.sleep(0.2)
+
+
+def wait_until_requeued(job: Job, fault: Fault) -> dict[str, str]:
+    """Until the attempt the fault hit has ended (SLURM counts a restart); then until the job is gone."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while job.record().get("Restarts") == "0" and job.record().get("JobState") == "RUNNING":
+        assert time.monotonic() < deadline, f"job {job.id} did not end after the fault:\n{job.output()[-3000:]}"
+        time.sleep(0.5)
+    fault.ended = time.monotonic()
+    return job.wait_until_gone()
+
+
+def node_killed(job: Job) -> tuple[dict, Fault]:
+    """SIGKILL to every process of node2's step (its node launcher, accelerate, the trainer) in epoch 2."""
+    wait_for_step(job, 8)
+    fault = fault_now(job)
+    pids = job.cluster.step_processes(job.id, "node2")
+    assert pids, "no processes of the step on node2"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return wait_until_requeued(job, fault), fault
+
+
+def rank_stopped(job: Job) -> tuple[dict, Fault]:
+    """SIGSTOP to node2's trainer (rank 1) in epoch 2, for good: it never runs again."""
+    wait_for_step(job, 8)
+    fault = fault_now(job)
+    trainers = [pid for pid in job.cluster.step_processes(job.id, "node2")
+                if b"train_worker.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(trainers) == 1, trainers
+    os.kill(trainers[0], signal.SIGSTOP)
+    return wait_until_requeued(job, fault), fault
+
+
+def link_cut(job: Job) -> tuple[dict, Fault]:
+    """node2's network link taken down in epoch 2, and up again once node1's trainer has given up
+    (a partition that heals: until then SLURM itself cannot reach node2 to end its tasks)."""
+    wait_for_step(job, 8)
+    fault = fault_now(job)
+    job.cluster.set_link("node2", up=False)
+    try:
+        deadline = time.monotonic() + FAULT_BOUND_S
+        while "a collective failed" not in job.output() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        job.cluster.set_link("node2", up=True)
+    return wait_until_requeued(job, fault), fault
+
+
+FAULTS = {
+    "killed": (node_killed, ("--set", "train.collective_timeout_s=30")),
+    "stopped": (rank_stopped, ("--set", "train.progress_timeout_s=20")),
+}
+# A link cut cuts off every job on the node: that job runs once the others have ended.
+LINK_CUT_ARGS = ("--set", "train.collective_timeout_s=30")
+
+
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory) -> dict[str, Future]:
     base = tmp_path_factory.mktemp("jobs2")
@@ -103,14 +203,27 @@ def jobs(cluster, tmp_path_factory) -> dict[str, Future]:
         "completes": (submit(cluster, base / "completes", folder), Job.wait_until_gone),
         "usr1": (submit(cluster, base / "usr1", folder), preempted_by_usr1),
     }
-    with ThreadPoolExecutor(max_workers=len(submitted) + 1) as pool:
+    for name, (drive, args) in FAULTS.items():
+        submitted[name] = (submit(cluster, base / name, folder, *args, checkpoint_every_steps=4), drive)
+    with ThreadPoolExecutor(max_workers=len(submitted) + 2) as pool:
         futures = {name: pool.submit(drive, job) for name, (job, drive) in submitted.items()}
         futures["one process"] = pool.submit(one_process_run, base / "one-process", folder)
-        yield {name: (submitted.get(name, (None,))[0], future) for name, future in futures.items()}
+        others = list(futures.values())
+
+        def link_cut_later() -> tuple[Job, tuple]:
+            wait(others)
+            job = submit(cluster, base / "link", folder, *LINK_CUT_ARGS, checkpoint_every_steps=4)
+            return job, link_cut(job)
+
+        found = {name: (submitted.get(name, (None,))[0], future) for name, future in futures.items()}
+        found["link"] = (None, pool.submit(link_cut_later))
+        yield found
 
 
 def outcome(jobs, name: str) -> tuple[Job, dict]:
     job, future = jobs[name]
+    if job is None and name == "link":  # submitted by its driver
+        return future.result(timeout=3 * JOB_TIMEOUT_S)
     return job, future.result(timeout=JOB_TIMEOUT_S)
 
 
@@ -175,3 +288,49 @@ def test_usr1_across_nodes_checkpoints_once_requeues_under_the_same_id_and_resum
     assert [r["epoch"] for r in job.metrics()] == list(range(1, EPOCHS + 1))
     assert without_timing(job.metrics()) == without_timing(whole.metrics())
 
+
+
+def assert_fault_survived(jobs, name: str) -> str:
+    """What every fault must lead to; returns the job's log for the fault's own checks."""
+    (job, (record, fault)), (whole, _) = outcome(jobs, name), outcome(jobs, "completes")
+    output = job.shown_output()
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1")
+    # Bounded: the attempt ended within the timeouts (and SLURM's KillWait), not NCCL/gloo's 10-30 minutes.
+    assert fault.ended - fault.injected < FAULT_BOUND_S, fault
+    assert f"requeueing job {job.id} to resume in runs/{job.id}" in output
+    # The next attempt resumed from the newest checkpoint complete at the fault (every 4 steps): intact.
+    resumed = re.findall(rf"resumed from runs/{job.id}/checkpoints/(\d+): epoch \d+, batch \d+, step (\d+)", output)
+    assert len(resumed) == 1, output
+    # (One being written at the fault may have been completed before it took effect.)
+    step = int(resumed[0][1])
+    assert step % 4 == 0 and 4 <= fault.newest_checkpoint <= step <= fault.step, (resumed, fault)
+    assert [r["epoch"] for r in job.metrics()] == list(range(1, EPOCHS + 1))
+    assert without_timing(job.metrics()) == without_timing(whole.metrics())
+    return output
+
+
+def test_a_node_killed_mid_epoch_ends_the_job_at_once_and_it_resumes_to_the_same_end(jobs):
+    """node2's processes killed: node1's trainer sees its collective fail (the connection closes),
+    says so, and stops with 75; the batch script, whose srun reports the killed node's 137, finds
+    node1's 75 and no failure of another node's own, and requeues."""
+    output = assert_fault_survived(jobs, "killed")
+    assert "[rank 0] a collective failed" in output
+    assert "node(s) 1 ended without a status of their own (lost, or ended by srun)" in output
+
+
+def test_a_hung_rank_is_named_and_the_job_ends_and_resumes(jobs):
+    """node2's trainer stopped (SIGSTOP): node1's watchdog sees no step finish for
+    train.progress_timeout_s, names rank 1 on node2 in one line, and ends with 75; srun then ends
+    node2's task (--kill-on-bad-exit) and the job is requeued."""
+    output = assert_fault_survived(jobs, "stopped")
+    named = [line for line in output.splitlines() if "stopped making progress: rank 1 on node2" in line]
+    assert len(named) == 1, output
+    assert "rank 0 (node1): no training step finished for 20 s (train.progress_timeout_s)" in named[0]
+
+
+def test_a_node_cut_off_ends_the_job_within_the_collective_timeout_and_it_resumes(jobs):
+    """node2's link down: gloo's collectives wait for nothing; the process group's timeout
+    (train.collective_timeout_s = 30) fails them on both nodes, both stop with 75, and once the
+    link is back SLURM sees the job end, which is requeued."""
+    output = assert_fault_survived(jobs, "link")
+    assert "a collective failed" in output and "Timed out" in output
