@@ -138,8 +138,9 @@ while true; do
 done
 
 # srun's status is the highest of the nodes': a node lost (killed, or ended by srun) hides that
-# the others stopped at a checkpoint. Training resumes from it when a node said 75 and no node
-# reported a failure of its own (a status from 1 to 127 other than 75; none at all: lost).
+# the others stopped at a checkpoint. Training resumes from the last one when every node either
+# said 75 or was lost (no status, or killed by a signal: srun ends the others once one is lost,
+# sometimes before they have seen it), none reporting a failure of its own (1-127 but 75).
 if (( status != 0 && status != EXIT_PREEMPTED && ! preflight )); then
     preempted=0 failed=0 lost=()
     for (( node = 0; node < ${SLURM_NNODES:-1}; node++ )); do
@@ -152,10 +153,10 @@ if (( status != 0 && status != EXIT_PREEMPTED && ! preflight )); then
             lost+=("$node")
         fi
     done
-    if (( preempted && ! failed )); then
+    if (( ! failed && (preempted || ${#lost[@]}) )); then
         if (( ${#lost[@]} )); then
-            echo "node(s) ${lost[*]} ended without a status of their own (lost, or ended by srun); the others" \
-                 "stopped at a checkpoint: status $EXIT_PREEMPTED"
+            echo "node(s) ${lost[*]} ended without a status of their own (lost, or ended by srun), no node" \
+                 "failed: status $EXIT_PREEMPTED, to resume from the last checkpoint"
         else
             echo "srun reported status $status, but every node stopped at a checkpoint: status $EXIT_PREEMPTED"
         fi

@@ -353,6 +353,8 @@ class TwoNodeCluster(SlurmCluster):
                   for name, address in NODES]
         lines.append(f"PartitionName=main Nodes={names} Default=YES MaxTime=INFINITE State=UP "
                      f"OverSubscribe=FORCE:{self.oversubscribe}")
+        # A loaded 2-core machine: slurmd may take longer than the default 10 s to answer.
+        lines.append("MessageTimeout=60")
         return "\n".join(lines) + "\n"
 
     def _start_daemons(self, key: Path) -> None:
