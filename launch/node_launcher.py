@@ -452,7 +452,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--local", action="store_true",
                         help="one machine, whatever SLURM variables are set (a workstation or an interactive job)")
     parser.add_argument("--config-dir", type=Path, default=None,
-                        help="where to write node-<machine_rank>.yaml (default: a temporary folder)")
+                        help="where to write node-<machine_rank>.yaml, and node-<machine_rank>.status at the end "
+                             "(default: a temporary folder, no status)")
     parser.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], default=None,
                         help="instead of deciding from the GPUs' compute capability")
     parser.add_argument("--cpu-processes", type=int, default=None, metavar="N",
@@ -463,6 +464,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dry-run", action="store_true",
                         help="write and print the config and the plan, launch nothing")
     return parser.parse_args(own), train_args
+
+
+def write_status(path: Path, status: int) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(f"{status}\n")
+    partial.replace(path)  # the batch script never reads half a number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
             print(config_path.read_text(encoding="utf-8"), end="")
             return 0
         status = launch(config_path, train_args, plan.processes_per_node, plan.cpu)
+        if args.config_dir:
+            # For launch/slurm_job.sh, which sees only srun's status, the highest of the nodes':
+            # a node killed by a signal hides that the others stopped at a checkpoint.
+            write_status(args.config_dir / f"node-{plan.machine_rank}.status", status)
     if status == EXIT_PREEMPTED and plan.machine_rank == 0:
         print(f"node launcher: training stopped with a checkpoint (status {EXIT_PREEMPTED}; torchrun reports it "
               "as a failure above); the same command with the same --output-dir resumes it", flush=True)

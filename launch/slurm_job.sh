@@ -101,7 +101,13 @@ fi
 echo "job $job (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: run directory $output_dir"
 
 # One task per node; each node launcher starts that node's training processes (one per GPU).
+# --kill-on-bad-exit: once a node has ended badly (training lost a peer and stopped with 75, or
+# it failed), the other nodes' tasks are ended too rather than left waiting on a hung one.
+# Each node launcher leaves its status in the config folder (node-<rank>.status).
+status_dir=$output_dir/launch
+rm -f "$status_dir"/node-*.status
 srun --nodes="${SLURM_NNODES:-1}" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    --kill-on-bad-exit=1 \
     "$python" launch/node_launcher.py "${launcher_args[@]}" -- \
     --data-cfg "$data_cfg" --train-cfg "$train_cfg" --output-dir "$output_dir" "$@" &
 srun_pid=$!
@@ -130,6 +136,33 @@ while true; do
     fi
     break
 done
+
+# srun's status is the highest of the nodes': a node lost (killed, or ended by srun) hides that
+# the others stopped at a checkpoint. Training resumes from the last one when every node either
+# said 75 or was lost (no status, or killed by a signal: srun ends the others once one is lost,
+# sometimes before they have seen it), none reporting a failure of its own (1-127 but 75).
+if (( status != 0 && status != EXIT_PREEMPTED && ! preflight )); then
+    preempted=0 failed=0 lost=()
+    for (( node = 0; node < ${SLURM_NNODES:-1}; node++ )); do
+        node_status=$(cat "$status_dir/node-$node.status" 2>/dev/null) || node_status=
+        if [[ "$node_status" == "$EXIT_PREEMPTED" ]]; then
+            preempted=1
+        elif [[ "$node_status" =~ ^[0-9]+$ ]] && (( node_status > 0 && node_status < 128 )); then
+            failed=1
+        elif [[ "$node_status" != 0 ]]; then
+            lost+=("$node")
+        fi
+    done
+    if (( ! failed && (preempted || ${#lost[@]}) )); then
+        if (( ${#lost[@]} )); then
+            echo "node(s) ${lost[*]} ended without a status of their own (lost, or ended by srun), no node" \
+                 "failed: status $EXIT_PREEMPTED, to resume from the last checkpoint"
+        else
+            echo "srun reported status $status, but every node stopped at a checkpoint: status $EXIT_PREEMPTED"
+        fi
+        status=$EXIT_PREEMPTED
+    fi
+fi
 
 case $status in
     0)

@@ -5,7 +5,7 @@ of its own, status 1, so the trainer's "checkpoint written, run me again" status
 never reach the SLURM wrapper. This runs the trainer in this process, exactly as
 ``python -m train ARGS`` would, and leaves two files in $TRAIN_WORKER_STATUS_DIR for the node
 launcher: ``<local rank>.pid`` at start (where to send stop signals) and ``<local rank>.exit``
-with the status at the end.
+with the status at the end (also when the progress watchdog of train/peers.py ends it).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def main() -> None:
     status_dir = Path(os.environ["TRAIN_WORKER_STATUS_DIR"])
     rank = os.environ.get("LOCAL_RANK", "0")
     write_atomically(status_dir / f"{rank}.pid", str(os.getpid()))
+    # The progress watchdog ends a stuck trainer from a thread, past the `finally` below.
+    from train import peers
+    peers.HARD_EXIT_HOOKS.append(lambda code: write_atomically(status_dir / f"{rank}.exit", str(code)))
     status = 1  # an exception other than SystemExit
     try:
         runpy.run_module("train", run_name="__main__", alter_sys=True)

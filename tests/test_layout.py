@@ -17,8 +17,8 @@ PACKAGE = REPO / "train"
 LAYERS = {
     "base": ["errors", "files", "config"],
     "parts": ["data", "optim", "models", "checkpoint", "export", "validation", "tracking", "progress",
-              "preemption", "rundir", "micro_batch", "initial_weights", "profiling", "wandb_tracking", "cost",
-              "mixing"],
+              "preemption", "peers", "rundir", "micro_batch", "initial_weights", "profiling", "wandb_tracking",
+              "cost", "mixing"],
     "startup": ["startup"],
     "loop": ["loop"],
     "entry points": ["cli", "__main__", "config_reference", "evaluate", "hub", "report", "sweep", "benchmark",

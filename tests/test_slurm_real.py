@@ -115,8 +115,8 @@ class Job:
         return self.record()
 
     def scancel(self, *options: str) -> None:
-        result = subprocess.run(["scancel", *options, self.id], env=client_env(self.cluster), capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(self.cluster.client_prefix + ["scancel", *options, self.id],
+                                env=client_env(self.cluster), capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
 
 

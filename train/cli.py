@@ -17,6 +17,7 @@ from . import data, models, optim, wandb_tracking
 from .config import Config, describe_source, load_config
 from .errors import EXIT_IO_ERROR, EXIT_USER_ERROR, SharedUserError, StorageError, UserError, first_line
 from .loop import fit
+from .peers import PeerLost
 from .preemption import EXIT_PREEMPTED, Preempted
 from .preflight import DEFAULT_STEPS, preflight
 from .startup import RunOptions
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             print(f"preempted: {exc}; checkpoint written, exiting with status {EXIT_PREEMPTED} "
                   "(run the same command again to resume)", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except PeerLost as exc:
+        # Each surviving process says what it saw: the lost one cannot.
+        print(f"error: [rank {os.environ.get('RANK', '0')}] {exc}; exiting with status {EXIT_PREEMPTED} to resume "
+              "from the last checkpoint", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     except StorageError as exc:
         # Every process stops with the same error (they agree on it): one report is enough.

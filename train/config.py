@@ -325,6 +325,13 @@ class TrainConfig:
     cudnn_benchmark: bool = key(True, "Let cuDNN time its kernels for the fixed input shapes.")
     sync_bn: bool = key(False, "BatchNorm statistics over the global batch (SyncBatchNorm), for small per-GPU "
                                "batches; one collective per BN layer. GPUs only.")
+    collective_timeout_s: float = key(
+        600.0, "Seconds a collective (gradient all-reduce, broadcast) waits for the other processes before the run "
+               "ends with status 75 for a requeue: a node lost or a rank hung. The process group's timeout (gloo "
+               "and NCCL).", gt=0)
+    progress_timeout_s: float = key(
+        300.0, "Seconds without a finished training step before a process names the rank that stopped and ends "
+               "with status 75 (the watchdog; paused during evaluation and checkpoints).", gt=0)
     eval_freq: int = key(1, "Epochs between evaluations (the last epoch always evaluates).", gt=0)
     eval_hflip: bool = key(False, "Evaluate on the mean of the logits of each validation image and of its mirror "
                                   "image (two forward passes).")

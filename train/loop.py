@@ -20,11 +20,13 @@ from . import checkpoint, cost
 from .checkpoint import EpochState
 from .config import Config, CropRamp
 from .data import to_device
+from .errors import first_line
 from .export import write_model_folder
 from .models import bare_model
 from .optim import reported_lr
 from .optim.batchnorm import recompute_running_stats
 from .optim.schedules import rewind
+from .peers import PeerLost, is_collective_failure
 from .preemption import Action, Preempted
 from .progress import EpochProgress, format_duration, run_summary
 from .startup import Run, RunOptions, start_run
@@ -36,10 +38,23 @@ LOG = logging.getLogger("train")
 def fit(config: Config, options: RunOptions) -> dict:
     """Train and evaluate as configured, resuming from a checkpoint when there is one.
 
-    Returns the last metrics record; raises Preempted after a stop signal's checkpoint.
+    Returns the last metrics record; raises Preempted after a stop signal's checkpoint, and
+    PeerLost when a collective failed (another process gone, stopped or cut off).
     """
     run, epoch_state = start_run(config, options)
-    train = config.train
+    try:
+        return _fit(run, epoch_state)
+    except Exception as exc:
+        if not is_collective_failure(exc):
+            raise
+        # One line says which process stopped; the checkpoint last written is the one to resume from.
+        raise PeerLost(f"a collective failed ({first_line(exc)}); {run.heartbeat.describe_stalled()}") from exc
+    finally:
+        run.heartbeat.close()
+
+
+def _fit(run: Run, epoch_state: EpochState) -> dict:
+    train = run.config.train
     try:
         while run.trainer.epoch < train.max_epochs:
             epoch = run.trainer.epoch
@@ -108,15 +123,19 @@ def train_one_epoch(run: Run, state: EpochState, until: int | None = None) -> bo
                 run.tracker.log_train_step(step, loss_value, reported_lr(run.optimizer), progress.images_per_s,
                                            run.model)
 
+            run.heartbeat.progressed(step)
             action = run.policy.after_step(step)
             if action:
                 state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started
+                run.heartbeat.pause()  # a checkpoint's write is no step: the collective timeout guards it
                 save_checkpoint(run, state)
+                run.heartbeat.progressed(step)
                 if action & Action.STOP:
                     return False
             if state.batches_done == until:
                 break
     finally:
+        run.heartbeat.pause()
         progress.close()
     correct_schedule(run)
     state.loss_sum, state.seconds = loss_sum.item(), time.perf_counter() - started

@@ -43,6 +43,7 @@ from .optim import (
     reads_training_batches,
 )
 from .optim.ema import WeightAverage, build_weight_average
+from .peers import Heartbeat, heartbeat_interval, process_group_kwargs
 from .preemption import CheckpointPolicy, StopRequests
 from .profiling import StepProfiler
 from .rundir import MetricsLog, default_run_dir, setup_logging, write_config
@@ -88,6 +89,7 @@ class Run:
     stop: StopRequests
     policy: CheckpointPolicy
     profiler: StepProfiler  # [log] profile_steps; stepped by the loop after each training step
+    heartbeat: Heartbeat  # this process's last step, posted for the others (train/peers.py)
     ema: WeightAverage | None = None  # [ema]: the weights' moving average, updated after each optimizer step
 
 
@@ -125,9 +127,10 @@ def make_accelerator(train: TrainConfig, options: RunOptions) -> Accelerator:
     # TensorBoard goes through Accelerate's tracker. Accelerate wants a logging folder now;
     # RunTracker moves it into the run directory, which is named only once the processes
     # created here can agree on it (resolve_run_dir).
+    # The process group's timeout bounds how long a lost or hung peer can keep the others waiting.
     return Accelerator(cpu=not cuda, mixed_precision=mixed, dynamo_backend="inductor" if train.compile else None,
                        log_with="tensorboard", project_config=ProjectConfiguration(logging_dir="runs"),
-                       kwargs_handlers=[DDP_OPTIONS])
+                       kwargs_handlers=[DDP_OPTIONS, process_group_kwargs(train.collective_timeout_s)])
 
 
 def resolve_run_dir(accelerator: Accelerator, options: RunOptions) -> Path:
@@ -312,5 +315,9 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
               weights=evaluation_weights(train.optim, optimizer), trainer=trainer, metrics_log=metrics_log,
               tracker=tracker, stop=stop, policy=policy,
               profiler=StepProfiler(train.log.profile_steps, run_dir, accelerator.is_main_process,
-                                    accelerator.device.type == "cuda"), ema=ema)
+                                    accelerator.device.type == "cuda"),
+              heartbeat=Heartbeat(accelerator.process_index, accelerator.num_processes,
+                                  heartbeat_interval(min(train.collective_timeout_s, train.progress_timeout_s)),
+                                  train.progress_timeout_s).start(),
+              ema=ema)
     return run, epoch_state
