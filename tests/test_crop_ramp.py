@@ -26,9 +26,9 @@ from train.data import build_loaders
 from train.preflight import miniature
 from train.rundir import read_metrics
 
-# 4 epochs of the tiny run: 32 px in epochs 1 and 2, 48 px in 3 and 4.
-RAMP = "{start = 32, end = 48, start_epoch = 2, end_epoch = 3, step = 16}"
-SIZES = [32, 32, 48, 48]
+# 3 epochs of the tiny run: 32 px in epoch 1, 48 px in epochs 2 and 3.
+RAMP = "{start = 32, end = 48, start_epoch = 1, end_epoch = 2, step = 16}"
+SIZES = [32, 48, 48]
 
 
 def test_the_size_of_each_epoch_follows_the_ramp():
@@ -85,31 +85,31 @@ def test_both_loaders_crop_each_epoch_at_its_size(loader, tiny_folder):
 
 @pytest.fixture(scope="module")
 def ramp_runs(tiny_folder, tmp_path_factory):
-    """By loader: the config arguments of a tiny 4-epoch run on the ramp (checkpoints every 4 steps),
+    """By loader: the config arguments of a tiny 3-epoch run on the ramp (checkpoints every 2 steps),
     and that run, uninterrupted (made on first use)."""
     made = {}
 
     def make(loader: str):
         if loader not in made:
             tmp = tmp_path_factory.mktemp(f"ramp_{loader}")
-            train = tiny_train_toml(max_epochs=4, lr=0.02).replace("train_crop_size = 32", f"train_crop_size = {RAMP}")
-            args = checkpointing_configs(tmp, tiny_folder, loader, every_steps=4)
-            write(tmp / "train.toml", train + "checkpoint_every_steps = 4\n")
+            train = tiny_train_toml(max_epochs=3, lr=0.02).replace("train_crop_size = 32", f"train_crop_size = {RAMP}")
+            args = checkpointing_configs(tmp, tiny_folder, loader, every_steps=2)
+            write(tmp / "train.toml", train + "checkpoint_every_steps = 2\n")
             made[loader] = args, launched_run(args, tmp / "reference")
         return made[loader]
     return make
 
 
-@pytest.mark.parametrize("loader, killed_at", [("hf", 4), ("dali", 4), ("dali", 8)])
+@pytest.mark.parametrize("loader, killed_at", [("hf", 2), ("dali", 2), ("dali", 4)])
 def test_killed_mid_epoch_then_rerun_gives_the_same_metrics_across_a_size_change(loader, killed_at, ramp_runs,
                                                                                   tmp_path):
-    """Checkpoint 4 is inside epoch 2 (32 px): the rerun resumes there and grows the crops at epoch
-    3. Checkpoint 8 is inside epoch 3 (48 px): the rerun resumes at 48 px at the same position.
+    """Checkpoint 2 is inside epoch 1 (32 px): the rerun resumes there and grows the crops at epoch
+    2. Checkpoint 4 is inside epoch 2 (48 px): the rerun resumes at 48 px at the same position.
     Either way the metrics are the uninterrupted run's, and each record names its epoch's size."""
     args, reference = ramp_runs(loader)
     records = read_metrics(reference.dir / "metrics.jsonl")
     assert [r["train_crop_size"] for r in records] == SIZES
-    assert "epoch 3/4: training crops of 48 px" in reference.stdout
+    assert "epoch 2/3: training crops of 48 px" in reference.stdout
     assert [value for _, value in scalars(reference.dir)["train/crop_size"]] == SIZES
     out = tmp_path / "out"
     newest = kill_after_checkpoint(args, out, step=killed_at)
@@ -144,4 +144,4 @@ def test_a_fixed_size_adds_nothing_to_the_metrics(reference_run):
 def test_the_model_card_describes_the_ramp(ramp_runs):
     _, reference = ramp_runs("hf")
     card = (reference.dir / "model" / "README.md").read_text()
-    assert "training crops 32 -> 48 px over epochs 2-3 (multiples of 16)" in card
+    assert "training crops 32 -> 48 px over epochs 1-2 (multiples of 16)" in card

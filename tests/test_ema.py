@@ -113,7 +113,7 @@ def test_killed_mid_epoch_then_rerun_gives_the_same_metrics_and_exports_the_trai
     """The average and its update count come back from the checkpoint: the resumed run's
     metrics, EMA ones included, are the uninterrupted run's; export = "trained" (the default)
     exports the trained weights, not the average."""
-    args = checkpointing_configs(tmp_path, tiny_folder, every_steps=4) + EMA
+    args = checkpointing_configs(tmp_path, tiny_folder, every_steps=4, max_epochs=2) + EMA
     reference = launched_run(args, tmp_path / "reference").dir
     out = tmp_path / "out"
     newest = kill_after_checkpoint(args, out, step=4)
