@@ -78,7 +78,7 @@ def test_both_loaders_crop_each_epoch_at_its_size(loader, tiny_folder):
     for epoch in range(4):
         loaders.set_epoch(epoch, 0)
         seen.append({tuple(images.shape[-2:]) for images, _ in loaders.train})
-    assert seen == [{(side, side)} for side in SIZES]
+    assert seen == [{(side, side)} for side in (32, 32, 48, 48)]  # epochs 1-4 of this ramp
     images, _ = next(iter(loaders.train_stats()))
     assert images.shape[-2:] == (48, 48)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from helpers import REPO, accelerate_launch, clean_env, free_port
 
 from train import startup
@@ -28,7 +29,7 @@ def test_the_accelerator_is_made_with_the_free_ddp_options(monkeypatch):
     monkeypatch.setattr(startup, "Accelerator", lambda **kwargs: made.update(kwargs))
     monkeypatch.setattr(startup, "set_backend_flags", lambda train, cuda: None)
     startup.make_accelerator(TrainConfig(), startup.RunOptions())
-    (handler,) = made["kwargs_handlers"]
+    (handler,) = [h for h in made["kwargs_handlers"] if isinstance(h, DistributedDataParallelKwargs)]
     assert handler.to_kwargs() == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
 
 
