@@ -30,6 +30,7 @@ Standard library only, so that it starts fast and before anything heavy is impor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -476,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     # Without --config-dir the config lives as long as the run, in a folder removed afterwards.
     with tempfile.TemporaryDirectory(prefix="accelerate-config-") as scratch:
+        plan = None
         try:
             capabilities = [] if args.cpu_processes is not None else read_compute_capabilities()
             plan = plan_node(os.environ, capabilities, args.mixed_precision, args.local, args.cpu_processes)
@@ -486,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             network = socket_interface_env(args.network_interface) if args.network_interface else {}
         except (LaunchError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if args.config_dir:  # a failure of this node's own, which the batch script must not take for a lost node
+                rank = plan.machine_rank if plan is not None else os.environ.get("SLURM_NODEID", "0")
+                with contextlib.suppress(OSError):
+                    write_status(args.config_dir / f"node-{rank}.status", EXIT_USAGE)
             return EXIT_USAGE
         if plan.machine_rank == 0:
             print(rank_table(plan))
