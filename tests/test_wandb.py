@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import wandb
 from accelerate import PartialState
 from helpers import checkpointing_configs as configs
 from helpers import run_train
@@ -106,6 +107,7 @@ def test_wandb_dir_set_by_the_user_holds_wandbs_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     (tmp_path / "scratch").mkdir()
     PartialState(cpu=True)  # Accelerate's trackers log through its state
+    wandb.teardown()  # W&B keeps its settings per process: drop those of an earlier test (WANDB_MODE=online)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     tracker = wandb_tracking.ResumingWandBTracker(run_dir, "p")
