@@ -5,10 +5,17 @@ multi-process ones); each is made once and read by every test that needs one. Te
 them, or copy them before changing anything.
 """
 
+import logging
+import os
 from pathlib import Path
 
-import pytest
-from helpers import (
+# One thread per torch process (this one and every process a test starts, which inherit the
+# variable): two pytest processes run tests side by side on two cores, and OpenMP threads that
+# outnumber the cores spin against each other, slowing every process several-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from helpers import (  # noqa: E402
     REPO,
     LaunchedRun,
     accelerate_launch,
@@ -20,13 +27,34 @@ from helpers import (
     tiny_train_toml,
 )
 
-from train.config import Config, load_config
+from train.config import Config, load_config  # noqa: E402
 
 SHIPPED_DATA = REPO / "configs" / "data"
 SHIPPED_TRAIN = REPO / "configs" / "train"
 
-# What a passing test wrote is removed when it is no longer needed (folder_cleanup.py says why).
-pytest_plugins = ["folder_cleanup"]
+# What a passing test wrote is removed when it is no longer needed (folder_cleanup.py says why);
+# which pytest process runs which tests: xdist_groups.py.
+pytest_plugins = ["folder_cleanup", "xdist_groups"]
+
+
+# The "train" logger as the test process starts, before any run has set it up.
+TRAIN_LOGGER = logging.getLogger("train")
+TRAIN_LOGGER_AS_FOUND = (list(TRAIN_LOGGER.handlers), TRAIN_LOGGER.propagate, TRAIN_LOGGER.level)
+
+
+@pytest.fixture(autouse=True)
+def train_logger_as_found():
+    """After each test, the "train" logger as the process started. A run inside the test process
+    (train.rundir.setup_logging, also from a module or session fixture) gives it handlers of its
+    own and stops propagation, after which caplog, which listens at the root logger, would see
+    nothing in the tests that follow."""
+    yield
+    handlers, propagate, level = TRAIN_LOGGER_AS_FOUND
+    for handler in TRAIN_LOGGER.handlers:
+        if handler not in handlers:
+            handler.close()  # a run's train.log
+    TRAIN_LOGGER.handlers[:] = handlers
+    TRAIN_LOGGER.propagate, TRAIN_LOGGER.level = propagate, level
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from helpers import (
     checkpointing_configs,
     clean_env,
     data_toml,
+    free_port,
     run_train,
     tiny_train_toml,
     without_timing,
@@ -263,7 +264,7 @@ def launched(tmp_path_factory, tiny_folder):
     micro-batches of 2 (per-process batch 4)."""
     out = tmp_path_factory.mktemp("accumulation_worker")
     args = tiny_vit_configs(tiny_folder, out, micro_batch_size=2) + ["--output-dir", str(out / "run")]
-    command = accelerate_launch(2, port=29641) + [str(WORKER), str(out)] + args
+    command = accelerate_launch(2, port=free_port()) + [str(WORKER), str(out)] + args
     result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)], out / "run", result
@@ -354,11 +355,13 @@ def test_a_kill_in_the_middle_of_an_accumulation_resumes_at_the_start_of_its_ste
 
 def test_the_demo_with_accumulation_reaches_the_demos_accuracy(tmp_path):
     """`python -m train` in micro-batches of 16 (4 per step): BatchNorm sees 16 images at a time,
-    and the run still clears the demo's bar (tests/test_train.py: >= 90% top-1)."""
-    result = run_train(["--set", "train.micro_batch_size=16", "--output-dir", str(tmp_path / "run")],
+    and the run still clears the demo's bar (tests/test_train.py: >= 90% top-1), in half the
+    demo's epochs (4 epochs ended at 95.0% when this was written; the whole demo is tested apart)."""
+    result = run_train(["--set", "train.micro_batch_size=16", "--set", "train.max_epochs=4",
+                        "--output-dir", str(tmp_path / "run")],
                        cwd_dir=tmp_path, XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "31 steps per epoch at global batch 64, each 4 micro-batches of 16 per process" in result.stdout
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in records] == [31 * epoch for epoch in range(1, 9)]
+    assert [r["step"] for r in records] == [31 * epoch for epoch in range(1, 5)]
     assert records[-1]["val_acc1"] >= 90 and records[-1]["val_samples"] == 500

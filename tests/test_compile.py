@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, accelerate_launch, clean_env
+from helpers import REPO, accelerate_launch, clean_env, free_port
 
 WORKER = Path(__file__).resolve().parent / "compile_worker.py"
 
@@ -19,7 +19,7 @@ WORKER = Path(__file__).resolve().parent / "compile_worker.py"
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile_worker")
-    command = accelerate_launch(2, port=29641) + [str(WORKER), str(out)]
+    command = accelerate_launch(2, port=free_port()) + [str(WORKER), str(out)]
     result = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]

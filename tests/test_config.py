@@ -174,8 +174,9 @@ def test_set_overrides_nested_values(files):
 
 SEED_CONFIGS = ["resnet50-adam", "resnet50-sgd", "resnet50-sf-sgd", "resnet50-sgd-sam-v1", "resnet50-sgd-sam-v2",
                 "resnet18-sgd", "resnet18-sgd-sam-v1", "resnet18-sgd-sam-v2", "vit_base_16", "vgg16", "vgg16_bn"]
-# Shipped beyond the seed's: no seed result to match (see the file's comment).
-OTHER_CONFIGS = ["resnet50-sf-adamw"]
+# Shipped beyond the seed's: no seed result to match (see the file's comment); the fast
+# recipes follow FFCV's (tests/test_fast_recipes.py).
+OTHER_CONFIGS = ["resnet50-sf-adamw"] + [f"resnet50-fast-{epochs}ep" for epochs in (16, 24, 32, 40, 88)]
 
 
 def test_every_shipped_config_is_valid_and_passes_the_start_up_checks(shipped_configs):

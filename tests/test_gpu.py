@@ -40,7 +40,7 @@ from train.config import DataConfig, DataloaderConfig, PreprocessConfig
 from train.data import _dali_installed, build_loaders
 from train.rundir import read_metrics
 
-pytestmark = [pytest.mark.gpu,
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu"),  # one GPU: one test at a time
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU suite needs a CUDA GPU")]
 
 WORKER = Path(__file__).resolve().parent / "gpu_worker.py"

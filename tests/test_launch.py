@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from helpers import REPO, accelerate_launch, clean_env, data_toml, run_train, tiny_train_toml, write
+from helpers import REPO, accelerate_launch, clean_env, data_toml, free_port, run_train, tiny_train_toml, write
 
 from train.config import UserError, load_config
 from train.models import build_model, use_sync_batchnorm
@@ -675,7 +675,7 @@ def test_two_cpu_processes_with_sync_bn_stop_with_one_line(tiny_folder, tmp_path
     data = write(tmp_path / "data.toml", data_toml(tiny_folder))
     train = write(tmp_path / "train.toml", tiny_train_toml(sync_bn="true"))
     result = run_train(["--data-cfg", str(data), "--train-cfg", str(train), "--output-dir", str(tmp_path / "out")],
-                       launcher=accelerate_launch(2, port=29631))
+                       launcher=accelerate_launch(2, port=free_port()))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors and all("train.sync_bn = true needs GPUs" in line for line in errors)

@@ -376,8 +376,10 @@ def test_real_ctrl_c_and_sigkill_of_the_command_then_resume(tmp_path):
     import signal
     import time
 
-    classes = [(f"n{20_000_000 + i:08d}", f"class {i}", i + 1, 12) for i in range(120)]
-    val_ids = [i % len(classes) + 1 for i in range(240)]
+    # Enough classes that the command is still extracting when the signal comes, even when this
+    # test shares two cores with another pytest process (120 were not: it finished first).
+    classes = [(f"n{20_000_000 + i:08d}", f"class {i}", i + 1, 12) for i in range(360)]
+    val_ids = [i % len(classes) + 1 for i in range(720)]
     random.Random(1).shuffle(val_ids)
     downloads = make_downloads(tmp_path / "downloads", classes=classes, val_ids=val_ids,
                                image=lambda rng: rng.randbytes(40_000))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import accelerate_launch, make_image_folder, run_train, tiny_train_toml, write
+from helpers import accelerate_launch, free_port, make_image_folder, run_train, tiny_train_toml, write
 from seed_format import write_seed_shards
 from wandb_offline import offline_runs
 
@@ -41,7 +41,7 @@ def seed_setup(tmp_path_factory):
 def two_processes(seed_setup):
     tmp, shards, configs, env = seed_setup
     out = tmp / "out"
-    result = run_train(configs + FEATURES + ["--output-dir", str(out)], launcher=accelerate_launch(2, port=29661),
+    result = run_train(configs + FEATURES + ["--output-dir", str(out)], launcher=accelerate_launch(2, port=free_port()),
                        **env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "on 2 process(es)" in result.stdout

@@ -37,6 +37,9 @@ from test_preflight import stage_names, table
 
 from train.rundir import read_metrics
 
+# Both real clusters' tests run in one pytest process, one at a time (pyproject.toml: -n 2).
+pytestmark = pytest.mark.xdist_group("slurm")
+
 REQUIRE_ENV = "REQUIRE_REAL_SLURM"
 EPOCHS = 6
 JOB_TIMEOUT_S = 900  # each scenario, start to end, on a loaded 2-core machine

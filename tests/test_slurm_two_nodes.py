@@ -41,6 +41,9 @@ from test_slurm_real import JOB_TIMEOUT_S, Job, client_env, unavailable
 
 from train.rundir import read_metrics
 
+# Both real clusters' tests run in one pytest process, one at a time (pyproject.toml: -n 2).
+pytestmark = pytest.mark.xdist_group("slurm")
+
 EPOCHS = 2
 HOSTS = [name for name, _ in NODES]
 HEAD_ADDRESS_NAME = HOSTS[0]  # the rendezvous is the head node's name, resolved on each node to its address

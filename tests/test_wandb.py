@@ -114,6 +114,9 @@ def test_wandb_dir_set_by_the_user_holds_wandbs_files(tmp_path, monkeypatch):
     tracker.start()
     tracker.log({"train/loss": 1.5}, step=3)
     tracker.finish()
+    # W&B's service process writes the run file: it is complete once the service has ended, as
+    # at the end of a training process (a loaded machine showed it without its history before).
+    wandb.teardown()
     (attempt,) = offline_runs(tmp_path / "scratch")
     assert attempt.series("train/loss") == [(3, 1.5)]
     assert not (run_dir / "wandb").exists() and (run_dir / wandb_tracking.STATE_FILE).is_file()

@@ -6,7 +6,11 @@ data set (``data_dir = "hf-hub:<id>"``), through torch DataLoader workers.
 
 from __future__ import annotations
 
+import functools
 import io
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import random
 import signal
@@ -115,33 +119,56 @@ def at_final_crop_size(train_set: ImageDataset, preprocess: PreprocessConfig) ->
 OTHER_STOP_SIGNALS = frozenset(STOP_SIGNALS) - {signal.SIGTERM}
 
 
+# Workers are forked by a fork server (a single-threaded process that imports this module
+# once), never from the trainer itself. The trainer runs threads (Gloo's, TensorBoard's, the
+# heartbeat), and CPython 3.11 before 3.11.8 can leave a child forked while another thread
+# holds the interpreter's thread-list lock deadlocked for good (CPython gh-112275): the
+# loader then waits forever for a worker that never starts (seen at the first evaluation of
+# a 2-process run). SLURM signals every process of a job step, the server included, so the
+# server starts with the stop signals blocked and every worker it forks inherits them
+# blocked; the server is the trainer's to end (it exits with it).
+WORKER_CONTEXT = multiprocessing.get_context("forkserver")
+WORKER_CONTEXT.set_forkserver_preload([__name__])
+
+
+def start_worker_server() -> None:
+    """Start the fork server (and multiprocessing's resource tracker, which comes first) with
+    the stop signals blocked; a no-op once they run. Called when a loader is built, so that the
+    server imports torch while the trainer builds its model."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # Starting the resource tracker unblocks SIGTERM on its way out: block it again.
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class _StopSignalSafeLoader(torch.utils.data.DataLoader):
     """A DataLoader whose worker processes leave the stop signals to the trainer.
 
     Left alone, a worker dies of SIGTERM (PyTorch's handler in the worker lets only the
     trainer's own SIGTERM end it quietly), the trainer then fails with "DataLoader worker is
     killed by signal" before its checkpoint, and a worker inherits the trainer's handler for
-    SIGUSR1, logging the stop once more. The signals are blocked while workers start (they
-    inherit the blocked mask, so none arrives before ``_leave_stop_signals`` has run in them);
-    a signal that comes meanwhile reaches the trainer once they are unblocked here."""
+    SIGUSR1, logging the stop once more. Workers start with the signals blocked (inherited
+    from the fork server), so none arrives before ``_leave_stop_signals`` has run in them."""
 
     def __iter__(self):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            return super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if self.num_workers > 0:
+            start_worker_server()  # again, in case the server has gone since
+        return super().__iter__()
 
 
-def _leave_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: ignore SIGUSR1/SIGUSR2; SIGTERM ends this worker only when the trainer sends it."""
+def _leave_stop_signals(worker_id: int, trainer: int) -> None:
+    """worker_init_fn: ignore SIGUSR1/SIGUSR2; SIGTERM ends this worker only when the trainer
+    (process ``trainer``, which is not this worker's parent: the fork server is) sends it."""
     for sig in OTHER_STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # also drops one pending since the fork
     signal.pthread_sigmask(signal.SIG_UNBLOCK, OTHER_STOP_SIGNALS)
     # SIGTERM stays blocked (in this thread and the threads it starts) and is taken here with
     # its sender: the trainer's SIGTERM is PyTorch's last resort for a worker that does not
     # exit when asked, and still ends it as PyTorch's own handler would.
-    trainer = os.getppid()
     threading.Thread(target=_end_on_trainers_sigterm, args=(trainer,), name="sigterm-watch", daemon=True).start()
 
 
@@ -153,6 +180,8 @@ def _end_on_trainers_sigterm(trainer: int) -> None:
 
 def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int,
                 pin_memory: bool) -> torch.utils.data.DataLoader:
+    if num_workers > 0:
+        start_worker_server()
     return _StopSignalSafeLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -160,5 +189,6 @@ def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_leave_stop_signals if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_leave_stop_signals, trainer=os.getpid()) if num_workers > 0 else None,
+        multiprocessing_context=WORKER_CONTEXT if num_workers > 0 else None,
     )
