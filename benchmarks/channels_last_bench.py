@@ -31,7 +31,7 @@ def builtin_batches(batch_size: int, image_size: int, count: int) -> list[tuple[
     data = DataConfig(data_dir=resolve_data_dir("builtin:shapes"), num_classes=10,
                       dataloader=DataloaderConfig(name="hf", num_data_workers=0))
     preprocess = PreprocessConfig(train_crop_size=image_size, val_image_size=image_size + 4, val_crop_size=image_size)
-    loaders = build_loaders(data, preprocess, batch_size, 1, 0, seed=0, pin_memory=False)
+    loaders = build_loaders(data, preprocess, batch_size, 1, 0, seed=0)
     loaders.set_epoch(0, 0)
     return list(itertools.islice(loaders.train, count))
 

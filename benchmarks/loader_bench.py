@@ -89,7 +89,7 @@ def main() -> None:
     def loaders(name: str):
         data = DataConfig(data_dir=str(root), num_classes=CLASSES,
                           dataloader=DataloaderConfig(name=name, num_data_workers=args.threads))
-        return build_loaders(data, preprocess, args.batch, 1, 0, seed=0, pin_memory=False)
+        return build_loaders(data, preprocess, args.batch, 1, 0, seed=0)
 
     def epoch_of(built, epoch):
         built.set_epoch(epoch, 0)

@@ -382,7 +382,7 @@ def evaluate_per_image(model_dir: Path, data_dir: Path, loader: str, label_smoot
     model = load_model(str(model_dir)).eval().to(memory_format=torch.channels_last)
     data = DataConfig(data_dir=str(data_dir), num_classes=model.num_classes,
                       dataloader=DataloaderConfig(name=loader, num_data_workers=1))
-    loaders = build_loaders(data, preprocess_of(model), 8, 1, 0, seed=0, pin_memory=False)
+    loaders = build_loaders(data, preprocess_of(model), 8, 1, 0, seed=0)
     losses, top1, top5 = [], [], []
     for images, labels in loaders.val:
         logits = model(images.contiguous(memory_format=torch.channels_last)).float()

@@ -110,8 +110,8 @@ def test_loaders_group_micro_batches_by_step_with_the_same_samples(loader, tmp_p
     """HF: the very same images (augmentation keyed by sample); DALI: the same samples in the same order."""
     folder = make_colour_folder(tmp_path / "colours")
     data = DataConfig(data_dir=str(folder), num_classes=3, dataloader=DataloaderConfig(name=loader, num_data_workers=1))
-    whole = build_loaders(data, PREPROCESS, 4, 1, 0, seed=3, pin_memory=False)
-    cut = build_loaders(data, PREPROCESS, 4, 1, 0, seed=3, pin_memory=False, micro_batch=2)
+    whole = build_loaders(data, PREPROCESS, 4, 1, 0, seed=3)
+    cut = build_loaders(data, PREPROCESS, 4, 1, 0, seed=3, micro_batch=2)
     assert (cut.steps_per_epoch, cut.micro_batches_per_step) == (whole.steps_per_epoch, 2) == (6, 2)
     for built in (whole, cut):
         built.set_epoch(1, 2)  # resume at step 2 of epoch 1

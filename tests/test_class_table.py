@@ -39,7 +39,7 @@ def described_folder(tmp_path_factory) -> Path:
 
 def loaders(root: Path, name: str):
     data = DataConfig(data_dir=str(root), num_classes=3, dataloader=DataloaderConfig(name=name, num_data_workers=1))
-    return build_loaders(data, PREPROCESS, 4, 1, 0, seed=3, pin_memory=False)
+    return build_loaders(data, PREPROCESS, 4, 1, 0, seed=3)
 
 
 # ------------------------------------------------------------------------- the table

@@ -73,7 +73,7 @@ def test_both_loaders_crop_each_epoch_at_its_size(loader, tiny_folder):
     preprocess = PreprocessConfig(train_crop_size=ramp, val_image_size=36, val_crop_size=32)
     data = DataConfig(data_dir=str(tiny_folder), num_classes=3, dataloader=DataloaderConfig(name=loader,
                                                                                             num_data_workers=1))
-    loaders = build_loaders(data, preprocess, 8, 1, 0, seed=3, pin_memory=False)
+    loaders = build_loaders(data, preprocess, 8, 1, 0, seed=3)
     seen = []
     for epoch in range(4):
         loaders.set_epoch(epoch, 0)

@@ -8,12 +8,14 @@ apart after augmentation, and which images an epoch read can be checked exactly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import batches_around_a_restore, make_image_folder
+from nvidia.dali.pipeline import Pipeline
 from PIL import Image
 from seed_format import write_seed_shards
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
@@ -23,6 +25,7 @@ import train.data
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig, UserError
 from train.data import build_loaders, check_supported, dali
 from train.data.dali import DaliTrainLoader, FolderSource, PipelineSpec, define_pipeline
+from train.data.device import BatchFormat, to_device
 from train.data.folder import DataError
 from train.data.shards import index_path
 from train.dataset_tools.convert import convert
@@ -67,7 +70,7 @@ def numbers_of(images: torch.Tensor) -> list[int]:
 def loaders(root, batch=4, processes=1, rank=0, name="dali", workers=1, num_classes=3, preprocess=PREPROCESS):
     data = DataConfig(data_dir=str(root), num_classes=num_classes,
                       dataloader=DataloaderConfig(name=name, num_data_workers=workers))
-    return build_loaders(data, preprocess, batch, processes, rank, seed=3, pin_memory=False)
+    return build_loaders(data, preprocess, batch, processes, rank, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +210,9 @@ GPU_DECODING = PreprocessConfig(train_crop_size=16, val_image_size=20, val_crop_
 
 
 def test_without_cuda_gpu_decoding_falls_back_to_the_cpu_and_says_so(colour_folder, monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(dali, "_announced", False)
     with caplog.at_level("INFO", logger="train"):
-        built = loaders(colour_folder, preprocess=GPU_DECODING)
+        built = loaders(colour_folder, preprocess=GPU_DECODING)  # training on the CPU (the default format)
         loaders(colour_folder, preprocess=GPU_DECODING)
     images, _ = next(iter(built.train))
     assert images.device.type == "cpu"
@@ -229,19 +231,92 @@ def test_dali_cpu_auto_decodes_on_the_gpu_whenever_cuda_is_there(dali_cpu, cuda,
 
 
 def test_auto_chooses_the_gpu_decoder_on_a_cuda_node_and_says_so(monkeypatch, caplog):
-    """With CUDA (injected), the default "auto" gives the GPU decoder this process's device and
-    the start-up log names the choice."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    """Training on a GPU (device 3, named without touching CUDA), the default "auto" gives the
+    GPU decoder this process's device and the start-up log names the choice; true decodes on
+    the CPU and still hands the batches over on the GPU."""
     monkeypatch.setattr(dali, "_announced", False)
+    on_gpu = BatchFormat(torch.device("cuda", 3))
     with caplog.at_level("INFO", logger="train"):
-        assert dali.choose_device(PreprocessConfig().dali_cpu) == 3
-        assert dali.choose_device(True) is None
+        assert dali.choose_device(PreprocessConfig().dali_cpu, on_gpu) == (3, False)
+        assert dali.choose_device(True, on_gpu) == (3, True)
+    assert dali.choose_device("auto", BatchFormat()) == (None, True)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DALI:")]
     assert said == ['DALI: JPEG decoding on the GPU (DALI\'s mixed decoder), as train.preprocess.dali_cpu = "auto"']
-    assert dali.describe_decoding(True, True) == "DALI: JPEG decoding on the CPU, as train.preprocess.dali_cpu = true"
+    assert dali.describe_decoding(True, True) == ("DALI: JPEG decoding on the CPU, flip and normalisation on the "
+                                                  "GPU, as train.preprocess.dali_cpu = true")
     assert dali.describe_decoding("auto", False) == ('DALI: no CUDA device, so every operator runs on the CPU '
                                                      '(train.preprocess.dali_cpu = "auto")')
+
+
+def test_batches_leave_dali_in_the_models_layout_and_dtype_and_to_device_copies_nothing(colour_folder):
+    """A channels_last model under autocast gets NHWC float16 batches straight from DALI (CPU
+    here; on a GPU the same pipeline ends there): the same images as the float32 NCHW pipeline's,
+    and the loop's to_device hands them on as they are, without a second copy."""
+    data = DataConfig(data_dir=str(colour_folder), num_classes=3, dataloader=DataloaderConfig(name="dali"))
+
+    def first_batches(fmt: BatchFormat):
+        built = build_loaders(data, PREPROCESS, 4, 1, 0, seed=3, batch_format=fmt)
+        return next(iter(built.train)), next(iter(built.val))
+    (plain, _), (plain_val, _) = first_batches(BatchFormat())
+    (images, labels), (val, _) = first_batches(BatchFormat(torch.device("cpu"), channels_last=True,
+                                                           dtype=torch.float16))
+    for got, reference in ((images, plain), (val, plain_val)):
+        assert got.dtype == torch.float16 and got.shape == reference.shape
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        torch.testing.assert_close(got.float(), reference, rtol=2e-3, atol=2e-3)
+    handed, handed_labels = to_device(images, labels, torch.device("cpu"), channels_last=True)
+    assert handed is images and handed_labels is labels
+
+
+def nodes_by_operator(node, found=None) -> dict[str, list]:
+    """The DALI graph behind ``node``: operator name (CropMirrorNormalize, ...) -> the output
+    nodes of that operator that feed the pipeline, with their device ("cpu", "gpu")."""
+    found = {} if found is None else found
+    found.setdefault(node.name.strip("_").rsplit("_", 1)[0].split("[")[0], []).append(node)
+    for upstream in node.source._inputs:
+        nodes_by_operator(upstream, found)
+    return found
+
+
+@pytest.mark.parametrize("decode_on_cpu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_on_a_gpu_dali_flips_and_normalises_there_and_hands_labels_over_there(colour_folder, decode_on_cpu, training):
+    """Training on a GPU, both outputs end on it: with dali_cpu = true the images are decoded and
+    resized on the CPU, then moved inside DALI (as NVIDIA's examples do) before the flip and the
+    normalisation, rather than copied over by the loop as float32; the labels follow as int64.
+    (Defined, not built: building needs the GPU.)"""
+    source = FolderSource(colour_folder, (str(colour_folder / "val" / "n00000000" / "img_000.JPEG"),), (0,))
+    spec = PipelineSpec(source=source, training=training, preprocess=PREPROCESS, batch_size=1, num_threads=1,
+                        prefetch=1, shard_id=0, num_shards=1, seed=0, device_id=0, decode_on_cpu=decode_on_cpu)
+    with Pipeline(batch_size=1, num_threads=1, device_id=0):
+        images, labels = dali.pipeline_outputs(spec)
+    assert (images.device, labels.device) == ("gpu", "gpu")
+    graph = nodes_by_operator(images)
+    (decoded,) = graph["ImageRandomCrop" if training else "Image"]
+    assert decoded.device == ("cpu" if decode_on_cpu else "gpu")
+    (normalise_input,) = images.source._inputs[:1]
+    assert normalise_input.device == "gpu"
+    assert nodes_by_operator(labels)["Cast"][0].device == "gpu"
+
+
+def test_a_gpu_pipeline_runs_on_the_compute_stream_without_a_host_wait(colour_folder, monkeypatch):
+    """On a GPU, ``pipe.run`` is given the compute stream (DALI binds its outputs to it, and the
+    stream, not the host, waits for them), where the installed DALI's executor allows it."""
+    compute = object()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    source = FolderSource(colour_folder, (), ())
+    spec = PipelineSpec(source=source, training=True, preprocess=PREPROCESS, batch_size=1, num_threads=1,
+                        prefetch=1, shard_id=0, num_shards=1, seed=0, device_id=0)
+    runner = dali._Runner(spec)
+
+    class Built:  # what a built pipeline says of itself
+        exec_dynamic = True
+    runner.pipe = Built()
+    assert runner.output_stream() == (compute,)
+    Built.exec_dynamic = False  # an executor that cannot bind outputs to a stream
+    assert runner.output_stream() == ()
+    runner.spec = dataclasses.replace(spec, device_id=None)  # training on the CPU
+    assert runner.output_stream() == ()
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -344,7 +419,7 @@ def test_a_file_dali_cannot_read_is_named_even_past_verification(tmp_path):
     spec = PipelineSpec(source=FolderSource(root, tuple(files), (0,) * 4), training=True, preprocess=PREPROCESS,
                         batch_size=4, num_threads=1, prefetch=1, shard_id=0, num_shards=1, seed=0, device_id=None)
     with pytest.raises(DataError) as error:
-        next(iter(DaliTrainLoader(spec, 1, pin_memory=False)))
+        next(iter(DaliTrainLoader(spec, 1)))
     assert files[1] in str(error.value) and "python -m train.data.check" in str(error.value)
 
 

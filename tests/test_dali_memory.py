@@ -44,7 +44,7 @@ def test_only_the_training_pipeline_preallocates_the_gpu_decoder(folder):
 
 
 def test_the_loaders_preallocate_for_training_only(folder, monkeypatch):
-    monkeypatch.setattr(dali, "choose_device", lambda dali_cpu: 0)  # as if a GPU decoded
+    monkeypatch.setattr(dali, "choose_device", lambda dali_cpu, fmt: (0, False))  # as if a GPU decoded
     built = loaders(folder, preprocess=GPU_DECODING)
     assert built.train.runner.spec.preallocate and built.train.runner.spec.decoder_device == "mixed"
     assert not built.val.runner.spec.preallocate

@@ -9,14 +9,17 @@ from collections import Counter
 import pytest
 import torch
 from helpers import make_image_folder
-from PIL import Image
+from PIL import Image, JpegImagePlugin
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig
 from train.data import build_loaders, check_supported
+from train.data.device import BatchFormat, DeviceBatches, to_device
 from train.data.folder import DataError, scan_image_folder
 from train.data.hf import hub_tables
 from train.data.sampling import EvalBatchSampler, ShardedBatchSampler
-from train.data.transforms import CROP_ASPECT, EvalPreset, TrainPreset, random_crop_box
+from train.data.transforms import CROP_ASPECT, EvalPreset, TrainPreset, random_crop_box, reduction_for
 
 PREPROCESS = PreprocessConfig(train_crop_size=32, val_image_size=36, val_crop_size=32)
 
@@ -128,20 +131,102 @@ def test_random_crop_box_respects_area_and_aspect():
         assert CROP_ASPECT[0] - 0.02 <= w / h <= CROP_ASPECT[1] + 0.02
 
 
-def test_presets_output_normalized_chw_float():
+def test_presets_hand_over_uint8_pixels_which_the_loader_normalises():
     image = Image.new("RGB", (50, 40), (255, 128, 0))
     train = TrainPreset(24, "bicubic")(image, random.Random(1))
     val = EvalPreset(28, 24, "triangular")(image)
-    assert train.shape == val.shape == (3, 24, 24) and train.dtype == torch.float32
+    assert train.shape == val.shape == (24, 24, 3) and train.dtype == val.dtype == torch.uint8
+    images, _ = to_device(torch.stack([val]), torch.zeros(1, dtype=torch.int64), torch.device("cpu"), False)
+    assert images.shape == (1, 3, 24, 24) and images.dtype == torch.float32
     # Red channel at full intensity normalizes to (1 - 0.485) / 0.229.
-    assert val[0, 12, 12].item() == pytest.approx((1 - 0.485) / 0.229, abs=1e-5)
+    assert images[0, 0, 12, 12].item() == pytest.approx((1 - 0.485) / 0.229, abs=1e-5)
+
+
+def test_normalising_a_batch_gives_exactly_what_the_workers_gave_per_image():
+    """The workers used to normalise each image themselves; the batch normalised on the device
+    holds the same floats, bit for bit, in either memory layout (the demo's metrics stay the same)."""
+    pixels = torch.randint(0, 256, (4, 10, 12, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    per_image = torch.stack([p.permute(2, 0, 1).float().div_(255).sub_(mean).div_(std) for p in pixels])
+    labels = torch.arange(4)
+    for channels_last in (False, True):
+        images, out_labels = to_device(pixels, labels, torch.device("cpu"), channels_last)
+        assert torch.equal(images, per_image) and torch.equal(out_labels, labels)
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def photo_jpeg(path, width: int = 512, height: int = 384):
+    """A smooth colour photo-like JPEG, large enough for reduced decoding."""
+    coarse = torch.randint(0, 256, (6, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    Image.fromarray(coarse.numpy()).resize((width, height), Image.BICUBIC).save(path, quality=95)
+    return path
+
+
+@pytest.mark.parametrize("box, side, reduction", [((0, 0, 300, 200), 64, 2), ((10, 10, 310, 210), 24, 8),
+                                                  ((0, 0, 100, 500), 64, 1), ((0, 0, 256, 256), 64, 4)])
+def test_the_jpeg_reduction_keeps_the_crop_at_least_as_large_as_its_output(box, side, reduction):
+    assert reduction_for(box, side) == reduction
+
+
+def test_a_large_crop_of_a_jpeg_is_decoded_at_a_reduced_size_with_the_same_crop_and_flip(tmp_path, monkeypatch):
+    """Opened lazily, a JPEG whose crop is at least twice the output side is decoded by PIL's
+    draft mode at 1/2, 1/4 or 1/8 size. The crop box and the flip are drawn as from the full
+    image, so the output shows the same region, and the random draws after it are the same."""
+    path = photo_jpeg(tmp_path / "photo.JPEG")
+    scales = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: scales.append(self.width // size[0]) or draft(self, mode, size))
+    preset = TrainPreset(32, "bilinear")
+    for seed in range(12):
+        with Image.open(path) as full:
+            full.load()  # decoded already: no reduction possible
+            full_rng, lazy_rng = random.Random(seed), random.Random(seed)
+            expected = preset(full, full_rng).float()
+        with Image.open(path) as lazy:
+            reduced = preset(lazy, lazy_rng).float()
+        assert full_rng.random() == lazy_rng.random()  # the same draws were taken
+        assert (reduced - expected).abs().mean() < 4  # of 255: the same region, resampled differently
+    assert len(scales) >= 4 and set(scales) <= {2, 4, 8}  # most of these crops allow it, at 32 px
+
+
+def test_the_hf_workers_hand_over_uint8_batches_pinned_for_a_gpu(tiny_folder):
+    """What crosses from the workers is bytes (height x width x 3), page-locked when the run
+    trains on a GPU, from persistent workers with batches queued ahead; the loader's batches are
+    normalised float32 in the model's layout."""
+    data = DataConfig(data_dir=str(tiny_folder), num_classes=3,
+                      dataloader=DataloaderConfig(name="hf", num_data_workers=1))
+    loaders = build_loaders(data, PREPROCESS, 4, 1, 0, seed=0)
+    workers_batch, _ = next(iter(loaders.train.batches))
+    assert workers_batch.shape == (4, 32, 32, 3) and workers_batch.dtype == torch.uint8
+    on_gpu = build_loaders(data, PREPROCESS, 4, 1, 0, seed=0,
+                           batch_format=BatchFormat(torch.device("cuda", 0), channels_last=True))
+    for stream in (on_gpu.train, on_gpu.val, on_gpu.train_stats()):  # nothing of CUDA is touched until read
+        assert stream.batches.pin_memory and stream.batches.persistent_workers and stream.batches.prefetch_factor == 4
+        assert stream.format.channels_last
+
+
+def test_batches_go_to_the_device_one_ahead_so_a_gpus_copy_overlaps_the_step():
+    """When the loop gets a batch, the next one has already been read and sent on its way (on a
+    GPU, on a side stream); the loop still gets every batch, in order."""
+    read = []
+
+    def source():
+        for i in range(4):
+            read.append(i)
+            yield torch.full((1, 2, 2, 3), i, dtype=torch.uint8), torch.tensor([i])
+    seen = []
+    for images, labels in DeviceBatches(source(), BatchFormat()):
+        seen.append((labels.item(), len(read)))
+        assert images.dtype == torch.float32 and images.shape == (1, 3, 2, 2)
+    assert seen == [(0, 2), (1, 3), (2, 4), (3, 4)]
 
 
 def test_eval_preset_centre_crops_after_resizing_shorter_side():
     image = Image.new("RGB", (80, 40))
     image.paste((255, 255, 255), (0, 0, 20, 40))  # white left quarter, cropped away
     out = EvalPreset(20, 20, "bilinear")(image)
-    assert out.shape == (3, 20, 20) and out.max().item() < 0  # all black after the centre crop
+    assert out.shape == (20, 20, 3) and out.max().item() < 100  # all dark after the centre crop (white: 255)
 
 
 def test_train_preset_is_reproducible_per_key():
@@ -163,7 +248,7 @@ def make_image_like():
 def test_hf_loader_batches(tiny_folder):
     data = DataConfig(data_dir=str(tiny_folder), num_classes=3,
                       dataloader=DataloaderConfig(name="hf", num_data_workers=1))
-    loaders = build_loaders(data, PREPROCESS, per_process_batch=4, num_processes=1, rank=0, seed=0, pin_memory=False)
+    loaders = build_loaders(data, PREPROCESS, per_process_batch=4, num_processes=1, rank=0, seed=0)
     assert (loaders.num_train, loaders.num_val, loaders.steps_per_epoch) == (24, 15, 6)
     images, labels = next(iter(loaders.train))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
@@ -177,7 +262,7 @@ def test_hf_loader_names_an_undecodable_file(tmp_path):
     bad = root / "train" / "n00000001" / "img_0000.JPEG"
     bad.write_bytes(bad.read_bytes()[:100])  # truncated
     data = DataConfig(data_dir=str(root), num_classes=2, dataloader=DataloaderConfig(name="hf", num_data_workers=1))
-    loaders = build_loaders(data, PREPROCESS, 8, 1, 0, seed=0, pin_memory=False)
+    loaders = build_loaders(data, PREPROCESS, 8, 1, 0, seed=0)
     with pytest.raises(DataError, match=f"cannot decode image {bad}"):
         for _ in loaders.train:
             pass
@@ -187,7 +272,7 @@ def test_fewer_images_than_one_batch(tiny_folder):
     data = DataConfig(data_dir=str(tiny_folder), num_classes=3,
                       dataloader=DataloaderConfig(name="hf", num_data_workers=0))
     with pytest.raises(DataError, match="fewer than one global batch"):
-        build_loaders(data, PREPROCESS, 32, 1, 0, seed=0, pin_memory=False)
+        build_loaders(data, PREPROCESS, 32, 1, 0, seed=0)
 
 
 def test_hub_style_data_set_from_a_local_folder(tmp_path):
@@ -205,7 +290,7 @@ def test_hub_style_data_set_from_a_local_folder(tmp_path):
                                                  image_column="img", label_column="cls", num_data_workers=0))
     train, val, names = hub_tables(str(repo), cfg)
     assert (len(train), len(val), names) == (4, 2, ("cat", "dog"))
-    loaders = build_loaders(cfg, PREPROCESS, 2, 1, 0, seed=0, pin_memory=False)
+    loaders = build_loaders(cfg, PREPROCESS, 2, 1, 0, seed=0)
     images, labels = next(iter(loaders.train))
     assert images.shape == (2, 3, 32, 32) and labels.dtype == torch.int64
     with pytest.raises(DataError, match="has 2 classes"):

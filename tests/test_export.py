@@ -64,7 +64,7 @@ def test_evaluate_can_recalibrate_batchnorm_first(reference_run, tiny_folder, tm
     model = command.load_model(str(reference_run / "model"))
     data_config = DataConfig(data_dir=str(tiny_folder), num_classes=3,
                              dataloader=DataloaderConfig(name="hf", num_data_workers=0))  # data.toml's
-    loaders = build_loaders(data_config, command.preprocess_of(model), 8, 1, 0, seed=0, pin_memory=False)
+    loaders = build_loaders(data_config, command.preprocess_of(model), 8, 1, 0, seed=0)
     with torch.no_grad():
         first_layer_inputs = [model.conv1(images) for images, _ in itertools.islice(loaders.train_stats(), 2)]
     # Every batch weighs the same: the average of the batches' means and (unbiased) variances.

@@ -14,6 +14,7 @@ model loaded through timm. Throughput is measured apart: ``bash benchmarks/gpu_s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -38,12 +39,14 @@ from test_checkpoint import wait_for
 from train.checkpoint import MANIFEST, latest_valid_checkpoint
 from train.config import DataConfig, DataloaderConfig, PreprocessConfig
 from train.data import _dali_installed, build_loaders
+from train.data.device import BatchFormat, to_device
 from train.rundir import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu"),  # one GPU: one test at a time
               pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU suite needs a CUDA GPU")]
 
 WORKER = Path(__file__).resolve().parent / "gpu_worker.py"
+ON_GPU = BatchFormat(torch.device("cuda", 0))  # float32, NCHW
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 64, 16  # 320 images
 GPU_DECODING = PreprocessConfig(train_crop_size=64, val_image_size=72, val_crop_size=64, dali_cpu=False)
 
@@ -80,7 +83,7 @@ def private_cache(tmp_path, monkeypatch):
 def gpu_loaders(data_dir: Path, batch: int = 16):
     data = DataConfig(data_dir=str(data_dir), num_classes=CLASSES,
                       dataloader=DataloaderConfig(name="dali", num_data_workers=2))
-    return build_loaders(data, GPU_DECODING, batch, 1, 0, seed=5, pin_memory=True)
+    return build_loaders(data, GPU_DECODING, batch, 1, 0, seed=5, batch_format=ON_GPU)
 
 
 # ------------------------------------------------------------------------------ DALI
@@ -100,6 +103,45 @@ def test_dali_gpu_decoder_for_training_and_validation(layout, request):
         assert torch.isfinite(images).all() and 0 <= labels.min() and labels.max() < CLASSES
     seen = sum(len(labels) for images, labels in loaders.val if images.is_cuda)
     assert seen == CLASSES * VAL_PER_CLASS
+
+
+@pytest.mark.parametrize("dali_cpu", [True, "auto"])
+def test_dali_hands_over_channels_last_float16_batches_and_labels_on_the_gpu(folder, dali_cpu):
+    """Issue 24, item 2: a channels_last model under autocast gets its batches from DALI as they
+    go in (NHWC float16 on the GPU, labels there too), with CPU decoding (moved to the GPU inside
+    DALI) as with GPU decoding; to_device then copies nothing."""
+    need_dali()
+    data = DataConfig(data_dir=str(folder), num_classes=CLASSES,
+                      dataloader=DataloaderConfig(name="dali", num_data_workers=2))
+    preprocess = dataclasses.replace(GPU_DECODING, dali_cpu=dali_cpu)
+    fmt = BatchFormat(torch.device("cuda", 0), channels_last=True, dtype=torch.float16)
+    loaders = build_loaders(data, preprocess, 16, 1, 0, seed=5, batch_format=fmt)
+    assert loaders.train.runner.spec.decoder_device == ("cpu" if dali_cpu is True else "mixed")
+    loaders.set_epoch(0, 0)
+    for stream in (loaders.train, loaders.val):
+        images, labels = next(iter(stream))
+        assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16 and labels.dtype == torch.int64
+        assert images.is_contiguous(memory_format=torch.channels_last) and images.shape[1] == 3
+        assert torch.isfinite(images).all() and images.abs().max() < 3
+        handed, _ = to_device(images, labels, fmt.device, channels_last=True)
+        assert handed is images
+
+
+def test_the_hf_loader_copies_bytes_on_a_side_stream_and_normalises_on_the_gpu(folder):
+    """Issue 24, item 3: the HF loader's uint8 batches, pinned, copied one ahead on a side stream
+    and normalised on the GPU, equal the CPU's normalisation of the same batches."""
+    data = DataConfig(data_dir=str(folder), num_classes=CLASSES, dataloader=DataloaderConfig(name="hf",
+                                                                                              num_data_workers=2))
+    preprocess = PreprocessConfig(train_crop_size=64, val_image_size=72, val_crop_size=64)
+    fmt = BatchFormat(torch.device("cuda", 0), channels_last=True)
+    on_gpu = build_loaders(data, preprocess, 16, 1, 0, seed=5, batch_format=fmt)
+    on_cpu = build_loaders(data, preprocess, 16, 1, 0, seed=5)
+    for loaders in (on_gpu, on_cpu):
+        loaders.set_epoch(0, 0)
+    for (images, labels), (cpu_images, cpu_labels) in zip(on_gpu.train, on_cpu.train):
+        assert images.is_cuda and images.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(images.cpu(), cpu_images, rtol=0, atol=1e-6)
+        assert torch.equal(labels.cpu(), cpu_labels)
 
 
 def test_dali_mid_epoch_checkpoint_restores_exactly_on_the_gpu(folder):
@@ -158,7 +200,7 @@ def test_dali_cpu_auto_decodes_on_the_gpu(folder):
     need_dali()
     data = DataConfig(data_dir=str(folder), num_classes=CLASSES, dataloader=DataloaderConfig(name="dali"))
     preprocess = PreprocessConfig(train_crop_size=64, val_image_size=72, val_crop_size=64)
-    loaders = build_loaders(data, preprocess, 16, 1, 0, seed=5, pin_memory=True)
+    loaders = build_loaders(data, preprocess, 16, 1, 0, seed=5, batch_format=ON_GPU)
     assert loaders.train.runner.spec.decoder_device == "mixed"
     loaders.set_epoch(0, 0)
     images, _ = next(iter(loaders.train))

@@ -53,7 +53,7 @@ def hand_metrics(net: torch.nn.Module, loader, label_smoothing: float) -> dict:
 def tiny_loaders(folder):
     data = DataConfig(data_dir=str(folder), num_classes=3, dataloader=DataloaderConfig(name="hf", num_data_workers=0))
     preprocess = PreprocessConfig(train_crop_size=32, val_image_size=36, val_crop_size=32)
-    return build_loaders(data, preprocess, 8, 1, 0, seed=0, pin_memory=False)
+    return build_loaders(data, preprocess, 8, 1, 0, seed=0)
 
 
 def test_evaluation_with_hflip_scores_the_averaged_logits(tiny_folder):

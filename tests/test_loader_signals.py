@@ -29,7 +29,7 @@ def another_process_sends(sig: signal.Signals, pid: int) -> None:
 
 def test_loader_workers_leave_stop_signals_to_the_trainer_and_end_on_its_sigterm():
     dataset = [torch.full((2,), float(i)) for i in range(64)]
-    loader = hf.make_loader(dataset, [[i] for i in range(64)], num_workers=1, pin_memory=False)
+    loader = hf.make_loader(dataset, [[i] for i in range(64)], num_workers=1)
     batches = iter(loader)
     assert next(batches).tolist() == [[0.0, 0.0]]
     workers = multiprocessing.active_children()
@@ -62,7 +62,7 @@ def test_loader_workers_come_from_the_fork_server_not_from_the_threaded_trainer(
     them, holds the stop signals blocked from its start, since SLURM signals it too."""
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()  # a threaded trainer, as in a run
-    loader = hf.make_loader([torch.zeros(1)] * 4, [[i] for i in range(4)], num_workers=1, pin_memory=False)
+    loader = hf.make_loader([torch.zeros(1)] * 4, [[i] for i in range(4)], num_workers=1)
     batches = iter(loader)
     next(batches)
     (worker,) = multiprocessing.active_children()

@@ -119,7 +119,7 @@ def test_shards_are_copied_and_load_from_the_copy(folder, local, tmp_path):
     assert tree(copy) == tree(shards)
     data = DataConfig(data_dir=str(copy), num_classes=3, dataloader=DataloaderConfig(name="dali", num_data_workers=1))
     built = build_loaders(data, PreprocessConfig(train_crop_size=16, val_image_size=20, val_crop_size=16), 3, 1, 0,
-                          seed=0, pin_memory=False)
+                          seed=0)
     assert built.num_train == 15 and sum(len(labels) for _, labels in built.val) == 6
 
 

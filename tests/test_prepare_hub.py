@@ -104,7 +104,7 @@ def test_prepares_a_data_set_and_writes_a_config_the_trainer_loads(hf_caches, tm
     assert (len(train), len(val), names) == (12, 6, CLASSES)
     assert [path.parent for path in hf_caches.rglob("tiny-set-train.arrow")] == arrow_dirs
     data.dataloader.num_data_workers = 0  # the config's 8 workers are for ImageNet, not for a test
-    loaders = build_loaders(data, PREPROCESS, 4, 1, 0, seed=0, pin_memory=False)
+    loaders = build_loaders(data, PREPROCESS, 4, 1, 0, seed=0)
     images, labels = next(iter(loaders.train))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
     assert (loaders.num_train, loaders.num_val) == (12, 6)

@@ -117,7 +117,7 @@ def test_the_statistics_stream_leaves_the_training_iterator_where_it_was(tiny_fo
     preprocess = PreprocessConfig(train_crop_size=16, val_image_size=16, val_crop_size=16)
 
     def labels_of_epoch(interrupt: bool) -> list[list[int]]:
-        loaders = build_loaders(data, preprocess, 4, 1, 0, seed=5, pin_memory=False)
+        loaders = build_loaders(data, preprocess, 4, 1, 0, seed=5)
         loaders.set_epoch(1, 0)
         seen = []
         for i, (_, labels) in enumerate(loaders.train):

@@ -133,7 +133,7 @@ def test_seed_validation_keeps_the_whole_image_height_with_both_loaders(tmp_path
                           dataloader=DataloaderConfig(name=loader, num_data_workers=1 if loader == "dali" else 0))
         for resize, yellow_rows in ((32, True), (48, False)):
             preprocess = PreprocessConfig(train_crop_size=32, val_image_size=resize, val_crop_size=32)
-            built = build_loaders(data, preprocess, 1, 1, 0, seed=0, pin_memory=False)
+            built = build_loaders(data, preprocess, 1, 1, 0, seed=0)
             (images, _), = list(built.val)
             red, green, blue = images[0]
             assert images.shape == (1, 3, 32, 32)

@@ -98,7 +98,7 @@ def test_a_label_that_is_not_eight_bytes_is_not_taken_for_a_class():
 def test_the_hf_loader_refuses_the_seeds_shards_with_a_clear_error(seed_shard_set):
     data = DataConfig(data_dir=str(seed_shard_set), num_classes=3, dataloader=DataloaderConfig(name="hf"))
     with pytest.raises(DataError, match="holds WebDataset shards, which only"):
-        build_loaders(data, PreprocessConfig(), 4, 1, 0, seed=0, pin_memory=False)
+        build_loaders(data, PreprocessConfig(), 4, 1, 0, seed=0)
 
 
 def test_a_shard_missing_against_the_manifest_is_a_one_line_error(shards):

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .config import CosineScheduleConfig, SGDConfig, largest_crop, load_config
-from .data import build_loaders, check_supported, resolve_data_dir, to_device
+from .data import build_loaders, check_supported, resolve_data_dir
+from .data.device import batch_format_for, to_device
 from .errors import UserError, report_error
 from .models import build_model, choose_channels_last
 from .optim import build_optimizer, build_schedule, build_train_step
@@ -199,29 +200,35 @@ def pipeline_mode(args) -> dict:
     accelerator = make_accelerator(args.device, args.precision)
     device = accelerator.device
     data_dir = resolve_data_dir(config.data.data_dir)
-    loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), t.preprocess, t.batch_size, 1, 0,
-                            t.reproduce.seed, pin_memory=device.type == "cuda")
-    steps = min(args.steps, loaders.steps_per_epoch - 1)  # the first batch of a pass (worker start-up) is untimed
-    if steps < 1:
-        raise UserError(f"{args.data_cfg}: {loaders.num_train} training images make {loaders.steps_per_epoch} "
-                        f"batches of {t.batch_size}; the benchmark needs at least 2")
+    crop = largest_crop(t.preprocess.train_crop_size)
 
-    def epochs():  # whole epochs one after the other, as training reads them
-        for epoch in itertools.count():
-            loaders.set_epoch(epoch, 0)
-            yield from loaders.train
+    def batches_for(step: ProjectStep):
+        """The training batches as a run of ``step``'s model gets them (its layout, its dtype), whole
+        epochs one after the other; and the loaders."""
+        loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), t.preprocess, t.batch_size, 1,
+                                0, t.reproduce.seed,
+                                batch_format=batch_format_for(device, step.channels_last, accelerator.mixed_precision))
 
-    batches = epochs()
-    first = next(batches)  # untimed: the loader starts (workers, pipelines)
-    loader_rate = timed_images_per_s(lambda images, labels: None, batches, steps, device, t.batch_size)
+        def epochs():
+            for epoch in itertools.count():
+                loaders.set_epoch(epoch, 0)
+                yield from loaders.train
+        return epochs(), loaders
+
     result = {"mode": "pipeline", "loader": config.data.dataloader.name, "batch_size": t.batch_size,
-              "crop_size": largest_crop(t.preprocess.train_crop_size), "precision": args.precision,
-              "device": device_name(device),
-              "loader_images_per_s": loader_rate, "models": []}
+              "crop_size": crop, "precision": args.precision, "device": device_name(device), "models": []}
     for arch in args.models.split(",") if args.models else [t.arch]:
         reset_peak_memory(device)
-        step = ProjectStep(accelerator, arch, config.data.num_classes,
-                           largest_crop(t.preprocess.train_crop_size), t.channels_last, t.lr, loaders.steps_per_epoch)
+        step = ProjectStep(accelerator, arch, config.data.num_classes, crop, t.channels_last, t.lr, 1000)
+        batches, loaders = batches_for(step)
+        steps = min(args.steps, loaders.steps_per_epoch - 1)  # the first batch of a pass (worker start-up) is untimed
+        if steps < 1:
+            raise UserError(f"{args.data_cfg}: {loaders.num_train} training images make {loaders.steps_per_epoch} "
+                            f"batches of {t.batch_size}; the benchmark needs at least 2")
+        first = next(batches)  # untimed: the loader starts (workers, pipelines)
+        if "loader_images_per_s" not in result:  # the loader alone, in the first model's format
+            result["loader_images_per_s"] = timed_images_per_s(lambda images, labels: None, batches, steps, device,
+                                                               t.batch_size)
         synthetic = itertools.repeat(first)
         timed_images_per_s(step, synthetic, args.warmup, device, t.batch_size)  # allocator, cuDNN autotuning
         synthetic_rate = timed_images_per_s(step, synthetic, steps, device, t.batch_size)
@@ -231,6 +238,7 @@ def pipeline_mode(args) -> dict:
                                  "train_images_per_s": real_rate, "end_to_end_ratio": real_rate / synthetic_rate,
                                  "peak_memory_mb": peak_memory_mb(device),
                                  "limited_by": limited_by(real_rate, synthetic_rate)})
+        del batches, loaders  # the next model's loaders replace these (DALI's pipelines, the HF workers)
     return result
 
 

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 
 from .config import PreprocessConfig, load_data_config
 from .data import build_loaders, check_supported, resolve_data_dir
+from .data.device import BatchFormat
 from .errors import UserError, first_line, report_error
 from .optim.batchnorm import recompute_running_stats
 from .validation import evaluate
@@ -75,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             data_dir = resolve_data_dir(data.data_dir)
         loaders = build_loaders(dataclasses.replace(data, data_dir=data_dir), preprocess_of(model),
                                 args.batch_size // accelerator.num_processes, accelerator.num_processes,
-                                accelerator.process_index, seed=0, pin_memory=accelerator.device.type == "cuda")
+                                accelerator.process_index, seed=0,
+                                batch_format=BatchFormat(accelerator.device))  # float32, NCHW
     except UserError as exc:
         return report_error(exc)
     model = model.to(accelerator.device)
     if args.recalibrate_bn > 0:
         batches = itertools.islice(loaders.train_stats(), -(-args.recalibrate_bn // args.batch_size))
-        used = recompute_running_stats(model, (images.to(accelerator.device) for images, _ in batches),
+        used = recompute_running_stats(model, (images for images, _ in batches),
                                        lambda buffer: accelerator.reduce(buffer, "mean"), accelerator.autocast)
         if accelerator.is_main_process:
             print(f"BatchNorm statistics recomputed over {used * args.batch_size} training images")

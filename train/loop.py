@@ -19,7 +19,7 @@ import torch
 from . import checkpoint, cost
 from .checkpoint import EpochState
 from .config import Config, CropRamp
-from .data import to_device
+from .data.device import to_device
 from .errors import first_line
 from .export import write_model_folder
 from .models import bare_model

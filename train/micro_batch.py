@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from .config import TrainConfig, divisors, largest_crop
-from .data import to_device
+from .data.device import to_device
 from .errors import UserError
 from .models import build_model
 from .optim import build_optimizer, evaluation_weights

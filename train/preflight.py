@@ -52,7 +52,7 @@ from . import checkpoint, cost
 from .benchmark import timed_images_per_s
 from .checkpoint import EpochState
 from .config import Config, largest_crop
-from .data import to_device
+from .data.device import to_device
 from .errors import EXIT_IO_ERROR, EXIT_USER_ERROR, SharedUserError, StorageError, UserError, first_line
 from .evaluate import load_model
 from .loop import epoch_mean_loss, evaluate_and_record, export_model, hours_unit, save_checkpoint, train_one_epoch

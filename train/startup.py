@@ -27,6 +27,7 @@ from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
 from .data import Loaders, build_loaders, resolve_data_dir
+from .data.device import batch_format_for
 from .data.preload import node_local_copy
 from .errors import SharedUserError, StorageError, UserError, first_line
 from .initial_weights import load_initial_weights, training_checkpoint
@@ -246,18 +247,8 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     if train.preprocess.preload_local:  # one copy per node, made by the node's first process
         with accelerator.local_main_process_first():
             data_dir = str(node_local_copy(data_dir, accelerator.is_local_main_process))
-    per_process_batch = train.batch_size // accelerator.num_processes
-    micro_batch = choose_micro_batch(train, config.data.num_classes, accelerator)  # "auto": tried on the GPU
-    loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
-                            per_process_batch, accelerator.num_processes, accelerator.process_index,
-                            train.reproduce.seed, pin_memory=accelerator.device.type == "cuda",
-                            on_main_process=lambda work: on_main_process(accelerator, work), micro_batch=micro_batch)
-    if loaders.build_before_training is not None:
-        # The statistics stream serves Schedule-Free's averaged weights and a recomputation asked
-        # for before the final evaluation.
-        reads_stats = reads_training_batches(train.optim) or train.recompute_bn_before_final_eval
-        LOG.info(loaders.build_before_training(reads_stats))
-
+    # The model (still on the CPU) comes before the loaders, which hand batches over in its
+    # memory layout: channels_last is decided from it.
     model = build_model(train.arch, config.data.num_classes, train.preprocess.train_crop_size,
                         train.preprocess.val_crop_size, train.model)
     if resume_from is None and train.checkpoint_dir:  # a fresh run from given weights (fine-tuning)
@@ -273,6 +264,20 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     config = dataclasses.replace(config, train=train)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+
+    per_process_batch = train.batch_size // accelerator.num_processes
+    micro_batch = choose_micro_batch(train, config.data.num_classes, accelerator)  # "auto": tried on the GPU
+    loaders = build_loaders(dataclasses.replace(config.data, data_dir=data_dir), train.preprocess,
+                            per_process_batch, accelerator.num_processes, accelerator.process_index,
+                            train.reproduce.seed,
+                            batch_format_for(accelerator.device, train.channels_last, accelerator.mixed_precision),
+                            on_main_process=lambda work: on_main_process(accelerator, work), micro_batch=micro_batch)
+    if loaders.build_before_training is not None:
+        # The statistics stream serves Schedule-Free's averaged weights and a recomputation asked
+        # for before the final evaluation. Built before prepare() puts the model on the GPU.
+        reads_stats = reads_training_batches(train.optim) or train.recompute_bn_before_final_eval
+        LOG.info(loaders.build_before_training(reads_stats))
+
     optimizer = build_optimizer(model, train.optim, train.lr, loaders.steps_per_epoch, accelerator.device.type)
     # The schedule is stepped by hand: accelerator.prepare would step it once per process.
     scheduler = build_schedule(optimizer, train.lr_scheduler, train.lr, loaders.steps_per_epoch, train.max_epochs)

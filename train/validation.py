@@ -9,7 +9,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_compiled_module
 from timm.utils import distribute_bn
 
-from .data import to_device
+from .data.device import to_device
 from .models import bare_model
 
 # The compiled evaluation model of each bare model, made once per run: compiling again at

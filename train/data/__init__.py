@@ -13,13 +13,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..config import DataConfig, PreprocessConfig
 from ..errors import UserError
 from . import hf
 from .builtin import ensure_builtin_dataset
 from .classes import class_descriptions
+from .device import CPU_FLOAT32, BatchFormat, DeviceBatches
 from .folder import DataError, scan_image_folder
 from .sampling import EvalBatchSampler, ShardedBatchSampler
 from .shards import is_shard_set
@@ -32,7 +31,8 @@ BUILTIN_PREFIX = "builtin:"
 class Loaders:
     """What the training loop needs from an input pipeline; every loader provides this."""
     # Yields (images, labels) micro-batches: micro_batches_per_step for each of the
-    # steps_per_epoch optimizer steps, as many on every process.
+    # steps_per_epoch optimizer steps, as many on every process. Every stream here yields
+    # batches on the training device in the model's format (``device.py``'s BatchFormat).
     train: Iterable
     # Yields (images, labels) for this process's shard of the validation set: every sample
     # exactly once over all processes, no padding, no duplicates.
@@ -67,15 +67,6 @@ class Loaders:
             yield step
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-              channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch on the training device; 4-D images in NHWC memory order when ``channels_last``."""
-    images = images.to(device, non_blocking=True)
-    if images.ndim == 4 and channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(device, non_blocking=True)
-
-
 def check_supported(data: DataConfig, source: str) -> None:
     """Start-up check of the loader choice, before anything is read."""
     name = data.dataloader.name
@@ -102,17 +93,18 @@ def resolve_data_dir(data_dir: str) -> str:
 
 
 def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
-                  num_processes: int, rank: int, seed: int, pin_memory: bool,
+                  num_processes: int, rank: int, seed: int, batch_format: BatchFormat = CPU_FLOAT32,
                   on_main_process: Callable[[Callable[[], None]], None] | None = None,
                   micro_batch: int | None = None) -> Loaders:
     """This process's loaders, with batches of ``micro_batch`` (a divisor of ``per_process_batch``,
-    which it defaults to) for training and validation. ``on_main_process(work)``: runs one-off
-    work for the whole job (verifying a folder's images) on one process while the others wait;
-    None runs it here."""
+    which it defaults to) for training and validation, handed over in ``batch_format`` (by
+    default on the CPU, float32, NCHW). ``on_main_process(work)``: runs one-off work for the
+    whole job (verifying a folder's images) on one process while the others wait; None runs it
+    here."""
     loader_cfg = data.dataloader
     micro_batch = micro_batch or per_process_batch
     if loader_cfg.name == "dali":
-        return _build_dali_loaders(data, preprocess, per_process_batch, num_processes, rank, seed, pin_memory,
+        return _build_dali_loaders(data, preprocess, per_process_batch, num_processes, rank, seed, batch_format,
                                    on_main_process, micro_batch)
     if is_shard_set(Path(data.data_dir)):
         raise DataError(f"data.data_dir: {data.data_dir} holds WebDataset shards, which only "
@@ -136,26 +128,29 @@ def build_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_ba
                         f"(train.batch_size = {global_batch}); lower train.batch_size")
     train_sampler = ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch)
     val_sampler = EvalBatchSampler(len(val_set), micro_batch, num_processes, rank)
-    workers = loader_cfg.num_data_workers
+    workers, pin_memory = loader_cfg.num_data_workers, batch_format.on_gpu
+
+    def on_device(dataset: hf.ImageDataset, sampler) -> DeviceBatches:
+        return DeviceBatches(hf.make_loader(dataset, sampler, workers, pin_memory), batch_format)
+
     return Loaders(
-        train=hf.make_loader(train_set, train_sampler, workers, pin_memory),
-        val=hf.make_loader(val_set, val_sampler, workers, pin_memory),
+        train=on_device(train_set, train_sampler),
+        val=on_device(val_set, val_sampler),
         class_names=class_names,
         num_train=len(train_set),
         num_val=len(val_set),
         steps_per_epoch=len(train_set) // global_batch,
         set_epoch=train_sampler.set_epoch,
-        train_stats=lambda: hf.make_loader(
+        train_stats=lambda: on_device(
             hf.at_final_crop_size(train_set, preprocess),
-            ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch),
-            workers, pin_memory),
+            ShardedBatchSampler(len(train_set), per_process_batch, num_processes, rank, seed, micro_batch)),
         class_descriptions=descriptions,
         micro_batches_per_step=per_process_batch // micro_batch,
     )
 
 
 def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_process_batch: int,
-                        num_processes: int, rank: int, seed: int, pin_memory: bool,
+                        num_processes: int, rank: int, seed: int, batch_format: BatchFormat,
                         on_main_process: Callable[[Callable[[], None]], None] | None, micro_batch: int) -> Loaders:
     from . import dali  # imported when chosen: DALI is large, and Linux-only
 
@@ -168,7 +163,7 @@ def _build_dali_loaders(data: DataConfig, preprocess: PreprocessConfig, per_proc
                         f"(train.batch_size = {global_batch}); lower train.batch_size")
     train, val, steps_per_epoch = dali.make_loaders(
         train_source, val_source, preprocess, per_process_batch, num_processes, rank, seed,
-        loader_cfg.num_data_workers, loader_cfg.prefetch_queue_depth, pin_memory, micro_batch)
+        loader_cfg.num_data_workers, loader_cfg.prefetch_queue_depth, batch_format, micro_batch)
     micro_batches_per_step = per_process_batch // micro_batch
     return Loaders(
         train=train,

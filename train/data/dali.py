@@ -5,9 +5,12 @@ Two readers feed the same operators: DALI's file reader over an ImageNet-layout 
 webdataset reader over ``train-*.tar`` / ``val-*.tar`` shards (``shards.py``).
 
 Training: random-area crop fused into decoding, resize to ``train_crop_size``, random
-horizontal flip, normalize, CHW float. Validation: resize the shorter side to
-``val_image_size``, centre crop ``val_crop_size``. Decoding runs on the CPU, or on the GPU
-(``mixed``) where CUDA is there, unless ``preprocess.dali_cpu = true`` (default "auto").
+horizontal flip, normalize. Validation: resize the shorter side to ``val_image_size``, centre
+crop ``val_crop_size``. When training on a GPU, decoding runs there (``mixed``) unless
+``preprocess.dali_cpu = true`` (default "auto"), which decodes and resizes on the CPU and moves
+the images to the GPU inside DALI before the flip and normalisation. Batches leave DALI finished
+(``device.py``'s BatchFormat): on the training device, labels included, in the model's memory
+layout (NHWC for a channels_last model) and dtype (float16 under autocast on a GPU).
 
 Each process reads shard ``rank`` of ``num_processes``. DALI pads every shard to the same
 number of batches by repeating its last sample; the wrappers below turn that into what the
@@ -32,11 +35,12 @@ import torch
 from nvidia.dali import fn, types
 from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import CropRamp, PreprocessConfig, crop_size_at
 from .classes import class_descriptions
+from .device import BatchFormat
 from .folder import DataError, scan_image_folder
 from .shards import ASCII_LABELS, is_shard_set, open_shard_set
 from .transforms import CROP_AREA, CROP_ASPECT, CROP_ATTEMPTS
@@ -158,15 +162,18 @@ class PipelineSpec:
     shard_id: int
     num_shards: int
     seed: int
-    device_id: int | None  # None: CPU only
+    device_id: int | None  # the GPU the batches go to; None: every operator on the CPU
     # The GPU decoder's buffers sized for ImageNet's largest image from the start: the training
     # pipeline's only (see DEVICE_MEMORY_PADDING).
     preallocate: bool = False
     crop_size: int = 0  # training: the side crops are resized to (a ramp's for the epoch); 0: epoch 1's
+    decode_on_cpu: bool = False  # with a GPU: decode and resize on the CPU (dali_cpu = true)
+    channels_last: bool = False  # images out as NHWC (handed over as NCHW with channels_last strides)
+    float16: bool = False  # images out as float16 rather than float32
 
     @property
     def decoder_device(self) -> str:
-        return "cpu" if self.device_id is None else "mixed"
+        return "cpu" if self.device_id is None or self.decode_on_cpu else "mixed"
 
     def preallocated_bytes(self) -> tuple[int, int]:
         """(device, pinned host) bytes the GPU decoder's paddings reserve when the pipeline is built."""
@@ -190,30 +197,46 @@ def _decoder_options(spec: PipelineSpec) -> dict:
 
 def define_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipeline:
     """The DALI pipeline of ``spec``, defined but not yet built (which starts it)."""
-    p = spec.preprocess
     pipe = Pipeline(batch_size=spec.batch_size, num_threads=spec.num_threads, device_id=spec.device_id,
                     # The augmentation differs per process; the reader's shuffle seed does not.
                     seed=spec.seed + spec.shard_id, prefetch_queue_depth=spec.prefetch,
                     enable_checkpointing=spec.training, checkpoint=checkpoint)
-    interp = INTERPOLATION[p.interpolation]
     with pipe:
-        encoded, labels = _read(spec.source, spec.training, spec.shard_id, spec.num_shards, spec.seed)
-        if spec.training:
-            images = fn.decoders.image_random_crop(encoded, device=spec.decoder_device, output_type=types.RGB,
-                                                   random_area=list(CROP_AREA), random_aspect_ratio=list(CROP_ASPECT),
-                                                   num_attempts=CROP_ATTEMPTS, **_decoder_options(spec))
-            side = spec.crop_size or crop_size_at(p.train_crop_size, 0)
-            images = fn.resize(images, resize_x=side, resize_y=side, interp_type=interp, antialias=True)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD,
-                                              mirror=fn.random.coin_flip(probability=0.5))
-        else:
-            images = fn.decoders.image(encoded, device=spec.decoder_device, output_type=types.RGB,
-                                       **_decoder_options(spec))
-            images = fn.resize(images, resize_shorter=p.val_image_size, interp_type=interp, antialias=True)
-            images = fn.crop_mirror_normalize(images, crop=(p.val_crop_size, p.val_crop_size), dtype=types.FLOAT,
-                                              output_layout="CHW", mean=MEAN, std=STD)
-        pipe.set_outputs(images, labels)
+        pipe.set_outputs(*pipeline_outputs(spec))
     return pipe
+
+
+def pipeline_outputs(spec: PipelineSpec):
+    """The (images, labels) nodes of ``spec``'s pipeline; called inside its ``with pipe:`` block."""
+    p = spec.preprocess
+    interp = INTERPOLATION[p.interpolation]
+    encoded, labels = _read(spec.source, spec.training, spec.shard_id, spec.num_shards, spec.seed)
+    if spec.training:
+        images = fn.decoders.image_random_crop(encoded, device=spec.decoder_device, output_type=types.RGB,
+                                               random_area=list(CROP_AREA), random_aspect_ratio=list(CROP_ASPECT),
+                                               num_attempts=CROP_ATTEMPTS, **_decoder_options(spec))
+        side = spec.crop_size or crop_size_at(p.train_crop_size, 0)
+        images = fn.resize(images, resize_x=side, resize_y=side, interp_type=interp, antialias=True)
+        window = dict(mirror=fn.random.coin_flip(probability=0.5))
+    else:
+        images = fn.decoders.image(encoded, device=spec.decoder_device, output_type=types.RGB,
+                                   **_decoder_options(spec))
+        images = fn.resize(images, resize_shorter=p.val_image_size, interp_type=interp, antialias=True)
+        window = dict(crop=(p.val_crop_size, p.val_crop_size))
+    if spec.device_id is not None:
+        # Decoded on the CPU (dali_cpu = true): flipped and normalised on the GPU, and the batch
+        # leaves DALI there, rather than being copied over as float32 by the training loop.
+        images = images.gpu()
+        if not _ascii_labels(spec):  # numbers: onto the GPU too (ASCII text is parsed on the host)
+            labels = fn.cast(labels, dtype=types.INT64).gpu()
+    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT16 if spec.float16 else types.FLOAT,
+                                      output_layout="HWC" if spec.channels_last else "CHW", mean=MEAN, std=STD,
+                                      **window)
+    return images, labels
+
+
+def _ascii_labels(spec: PipelineSpec) -> bool:
+    return isinstance(spec.source, ShardSource) and spec.source.label_encoding == ASCII_LABELS
 
 
 def build_pipeline(spec: PipelineSpec, checkpoint: bytes | None = None) -> Pipeline:
@@ -265,26 +288,35 @@ def _dali_reason(text: str) -> str:
     return (useful or lines or [type(text).__name__])[0][:200]
 
 
-def _images_to_torch(images, pin_memory: bool) -> torch.Tensor:
-    tensor = images.as_tensor()
-    if isinstance(images, TensorListGPU):
-        out = torch.empty(tensor.shape(), dtype=torch.float32, device=torch.device("cuda", tensor.device_id()))
-        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
-        return out
-    if pin_memory:  # page-locked, so the loop's copy to the GPU can overlap compute
-        return feed_ndarray(tensor, torch.empty(tensor.shape(), dtype=torch.float32, pin_memory=True))
-    # The dynamic executor allocates every output afresh and the DLPack capsule keeps it
-    # alive, so the batch can be handed over without a copy.
+def _to_torch(output) -> torch.Tensor:
+    """A DALI output as a torch tensor of the same shape and type. On the GPU, copied (device to
+    device) on the current stream, which DALI's outputs are bound to (``_Runner.next_batch``).
+    On the CPU, handed over without a copy: the dynamic executor allocates every output afresh
+    and the DLPack capsule keeps it alive."""
+    tensor = output.as_tensor()
+    if isinstance(output, TensorListGPU):
+        device = torch.device("cuda", tensor.device_id())
+        out = torch.empty(tensor.shape(), dtype=to_torch_type[tensor.dtype], device=device)
+        return feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
     return torch.from_dlpack(tensor)
 
 
+def _images_to_torch(images, channels_last: bool) -> torch.Tensor:
+    """N x C x H x W; from DALI's NHWC (``channels_last``) a view with channels_last strides."""
+    out = _to_torch(images)
+    return out.permute(0, 3, 1, 2) if channels_last else out
+
+
 def _numeric_labels(labels, root: Path) -> torch.Tensor:
-    """Class indices that DALI read as numbers (a folder's file list, the seed's int64 `.cls`)."""
-    return torch.from_numpy(np.array(labels.as_tensor())).view(-1).long()
+    """Class indices that DALI read as numbers (a folder's file list, the seed's int64 `.cls`);
+    on the GPU when the pipeline put them there (cast to int64 in DALI)."""
+    out = _to_torch(labels).view(-1)
+    return out if out.dtype == torch.int64 else out.long()
 
 
 def _shard_labels(labels, root: Path) -> torch.Tensor:
-    """Class indices from the ASCII digits of the ``.cls`` components."""
+    """Class indices from the ASCII digits of the ``.cls`` components, parsed on the host (on a
+    GPU, the runner sends them there from page-locked memory)."""
     values = []
     for i in range(len(labels)):
         text = np.array(labels[i]).tobytes().strip()
@@ -298,11 +330,9 @@ def _shard_labels(labels, root: Path) -> torch.Tensor:
 class _Runner:
     """One DALI pipeline: built lazily, run batch by batch, outputs as torch tensors."""
 
-    def __init__(self, spec: PipelineSpec, pin_memory: bool):
+    def __init__(self, spec: PipelineSpec):
         self.spec = spec
-        self.pin_memory = pin_memory
-        ascii_labels = isinstance(spec.source, ShardSource) and spec.source.label_encoding == ASCII_LABELS
-        self.labels_to_torch = _shard_labels if ascii_labels else _numeric_labels
+        self.labels_to_torch = _shard_labels if _ascii_labels(spec) else _numeric_labels
         self.pipe: Pipeline | None = None
         self.checkpoint: bytes | None = None  # restore from this at the next build
         self.batches_per_epoch = 0
@@ -315,10 +345,21 @@ class _Runner:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.ensure_built()
         try:
-            images, labels = self.pipe.run()
+            images, labels = self.pipe.run(*self.output_stream())
         except RuntimeError as exc:
             raise _data_error(exc, self.spec.source.root) from None
-        return _images_to_torch(images, self.pin_memory), self.labels_to_torch(labels, self.spec.source.root)
+        labels = self.labels_to_torch(labels, self.spec.source.root)
+        if self.spec.device_id is not None and not labels.is_cuda:  # parsed from ASCII on the host
+            labels = labels.pin_memory().to(torch.device("cuda", self.spec.device_id), non_blocking=True)
+        return _images_to_torch(images, self.spec.channels_last), labels
+
+    def output_stream(self) -> tuple[torch.cuda.Stream, ...]:
+        """What ``pipe.run`` is given: on a GPU, the compute stream, to which DALI then binds its
+        outputs (the stream waits for them, the host does not), where the installed DALI can
+        (its dynamic executor); otherwise nothing, and ``run`` waits on the host."""
+        if self.spec.device_id is None or not getattr(self.pipe, "exec_dynamic", False):
+            return ()
+        return (torch.cuda.current_stream(torch.device("cuda", self.spec.device_id)),)
 
     def skip(self, batches: int) -> None:
         for _ in range(batches):
@@ -350,8 +391,8 @@ class DaliTrainLoader:
     with the loop's epochs.
     """
 
-    def __init__(self, spec: PipelineSpec, epoch_length: int, pin_memory: bool, crop: int | CropRamp | None = None):
-        self.runner = _Runner(spec, pin_memory)
+    def __init__(self, spec: PipelineSpec, epoch_length: int, crop: int | CropRamp | None = None):
+        self.runner = _Runner(spec)
         self.crop = spec.crop_size if crop is None else crop  # the crop side, or its ramp over the epochs
         self.epoch_length = epoch_length  # batches yielded per epoch
         self.position = (0, 0)
@@ -424,7 +465,7 @@ class DaliTrainLoader:
         if copy is None:
             final = self.crop.end if isinstance(self.crop, CropRamp) else self.crop
             copy = DaliTrainLoader(dataclasses.replace(self.runner.spec, preallocate=False, crop_size=final),
-                                   self.epoch_length, self.runner.pin_memory)
+                                   self.epoch_length)
         return copy
 
     def reserve_copy(self) -> None:
@@ -459,8 +500,8 @@ class DaliTrainLoader:
 class DaliValLoader:
     """Validation batches of this process's shard: each of its samples once, no padding."""
 
-    def __init__(self, spec: PipelineSpec, pin_memory: bool):
-        self.runner = _Runner(spec, pin_memory)
+    def __init__(self, spec: PipelineSpec):
+        self.runner = _Runner(spec)
         self.samples = shard_size(len(spec.source), spec.shard_id, spec.num_shards)
         self.reader_batches = 0
 
@@ -491,8 +532,8 @@ _announced = False
 
 
 def decodes_on_cpu(dali_cpu: bool | str, cuda: bool) -> bool:
-    """``preprocess.dali_cpu`` decided: "auto" decodes on the GPU whenever CUDA is there; without
-    CUDA every setting decodes on the CPU (there is no GPU to decode on)."""
+    """``preprocess.dali_cpu`` decided: "auto" decodes on the GPU whenever the run trains on one;
+    without CUDA every setting decodes on the CPU (there is no GPU to decode on)."""
     return not cuda or dali_cpu is True
 
 
@@ -503,41 +544,46 @@ def describe_decoding(dali_cpu: bool | str, cuda: bool) -> str:
     if not cuda:
         why = " (train.preprocess.dali_cpu = false does not apply)" if dali_cpu is False else f" ({setting})"
         return f"DALI: no CUDA device, so every operator runs on the CPU{why}"
-    where = "on the CPU" if decodes_on_cpu(dali_cpu, cuda) else "on the GPU (DALI's mixed decoder)"
-    return f"DALI: JPEG decoding {where}, as {setting}"
+    if decodes_on_cpu(dali_cpu, cuda):
+        return f"DALI: JPEG decoding on the CPU, flip and normalisation on the GPU, as {setting}"
+    return f"DALI: JPEG decoding on the GPU (DALI's mixed decoder), as {setting}"
 
 
-def choose_device(dali_cpu: bool | str) -> int | None:
-    """The CUDA device for the GPU decoder, or None to run every operator on the CPU."""
+def choose_device(dali_cpu: bool | str, fmt: BatchFormat) -> tuple[int | None, bool]:
+    """(the GPU DALI hands its batches over on, None when training on the CPU; whether it
+    decodes on the CPU), said once in the log."""
     global _announced
-    cuda = torch.cuda.is_available()
     if not _announced:
         _announced = True
-        LOG.info(describe_decoding(dali_cpu, cuda))
-    if decodes_on_cpu(dali_cpu, cuda):
-        return None
+        LOG.info(describe_decoding(dali_cpu, fmt.on_gpu))
+    if not fmt.on_gpu:
+        return None, True
     # Accelerate has made this process's GPU (its local index) the current device.
-    return torch.cuda.current_device()
+    device_id = fmt.device.index if fmt.device.index is not None else torch.cuda.current_device()
+    return device_id, decodes_on_cpu(dali_cpu, True)
 
 
 def make_loaders(train: FolderSource | ShardSource, val: FolderSource | ShardSource, preprocess: PreprocessConfig,
                  per_process_batch: int, num_processes: int, rank: int, seed: int, num_threads: int,
-                 prefetch: int, pin_memory: bool, micro_batch: int) -> tuple[DaliTrainLoader, DaliValLoader, int]:
+                 prefetch: int, fmt: BatchFormat, micro_batch: int) -> tuple[DaliTrainLoader, DaliValLoader, int]:
     """The training and validation loaders of this process, and the (optimizer) steps per epoch.
 
     The pipelines run batches of ``micro_batch``: with gradient accumulation, DALI decodes
-    and holds one micro-batch at a time, not the whole per-process batch.
+    and holds one micro-batch at a time, not the whole per-process batch. Their batches come
+    in ``fmt``: on its device, in its layout and dtype.
     """
-    device_id = choose_device(preprocess.dali_cpu)
+    device_id, on_cpu = choose_device(preprocess.dali_cpu, fmt)
     common = dict(preprocess=preprocess, batch_size=micro_batch, num_threads=max(1, num_threads),
-                  prefetch=prefetch, shard_id=rank, num_shards=num_processes, seed=seed, device_id=device_id)
+                  prefetch=prefetch, shard_id=rank, num_shards=num_processes, seed=seed, device_id=device_id,
+                  decode_on_cpu=on_cpu and device_id is not None, channels_last=fmt.channels_last,
+                  float16=fmt.dtype == torch.float16)
     steps_per_epoch = len(train) // (per_process_batch * num_processes)
     micro_batches_per_epoch = steps_per_epoch * (per_process_batch // micro_batch)
     crop = preprocess.train_crop_size
     train_loader = DaliTrainLoader(PipelineSpec(source=train, training=True, preallocate=True,
                                                 crop_size=crop_size_at(crop, 0), **common),
-                                   micro_batches_per_epoch, pin_memory and device_id is None, crop)
-    val_loader = DaliValLoader(PipelineSpec(source=val, training=False, **common), pin_memory and device_id is None)
+                                   micro_batches_per_epoch, crop)
+    val_loader = DaliValLoader(PipelineSpec(source=val, training=False, **common))
     return train_loader, val_loader, steps_per_epoch
 
 

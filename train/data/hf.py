@@ -24,28 +24,25 @@ from ..config import CropRamp, DataConfig, PreprocessConfig
 from ..errors import first_line
 from ..preemption import STOP_SIGNALS
 from .folder import DataError, FolderSplit
-from .transforms import EvalPreset, TrainPreset
+from .transforms import EvalPreset, TrainPreset, UndecodableImage
 
 
-def _open_image(value, where: str) -> Image.Image:
-    """A PIL RGB image from a file path, PIL image or {'bytes', 'path'} record."""
+def _open_lazily(value, where: str) -> Image.Image:
+    """A PIL image from a file path, PIL image or {'bytes', 'path'} record: opened, its size
+    known, its pixels decoded later by the preset (at a reduced size where the crop allows)."""
     try:
         if isinstance(value, str):
-            with Image.open(value) as image:
-                return image.convert("RGB")
+            return Image.open(value)
         if isinstance(value, dict):
-            if value.get("bytes") is not None:
-                with Image.open(io.BytesIO(value["bytes"])) as image:
-                    return image.convert("RGB")
-            with Image.open(value["path"]) as image:
-                return image.convert("RGB")
-        return value.convert("RGB")
+            return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"])
+        return value
     except Exception as exc:  # PIL raises many types for a bad file; all mean the same here
         raise DataError(f"cannot decode image {where}: {exc.__class__.__name__}: {exc}") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses sample ``index`` of a ``datasets.Dataset`` for a given epoch."""
+    """Decodes and preprocesses sample ``index`` of a ``datasets.Dataset`` for a given epoch:
+    uint8 pixels, height x width x 3 (normalised on the training device: ``device.py``)."""
 
     def __init__(self, table: datasets.Dataset, image_column: str, label_column: str, preset, seed: int):
         self.table = table
@@ -62,9 +59,15 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.table[index]
         value = row[self.image_column]
         where = value if isinstance(value, str) else f"#{index} of {self.table.info.dataset_name or 'the data set'}"
-        image = _open_image(value, where)
+        image = _open_lazily(value, where)
         rng = random.Random(f"{self.seed}/{epoch}/{index}")
-        return self.preset(image, rng, epoch), row[self.label_column]  # the epoch decides a ramp's crop size
+        try:
+            return self.preset(image, rng, epoch), row[self.label_column]  # the epoch decides a ramp's crop size
+        except UndecodableImage as exc:
+            raise DataError(f"cannot decode image {where}: {exc}") from None
+        finally:
+            if image is not value:
+                image.close()
 
 
 def folder_table(split: FolderSplit) -> datasets.Dataset:
@@ -179,7 +182,7 @@ def _end_on_trainers_sigterm(trainer: int) -> None:
 
 
 def make_loader(dataset: ImageDataset, batch_sampler, num_workers: int,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
     if num_workers > 0:
         start_worker_server()
     return _StopSignalSafeLoader(
