@@ -26,7 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from . import checkpoint
 from .checkpoint import EpochState, TrainerState
 from .config import Config, TrainConfig, to_dict
-from .data import Loaders, build_loaders, resolve_data_dir
+from .data import Loaders, build_loaders, resolve_data_dir, start_worker_server
 from .data.device import batch_format_for
 from .data.preload import node_local_copy
 from .errors import SharedUserError, StorageError, UserError, first_line
@@ -237,6 +237,7 @@ def start_run(config: Config, options: RunOptions, accelerator: Accelerator | No
     ``accelerator``: one made already by ``make_accelerator`` (the preflight needs its processes
     to agree on a scratch directory before the run starts)."""
     train = config.train
+    start_worker_server(config.data)
     accelerator = accelerator or make_accelerator(train, options)
     run_dir, resume_from = open_run_dir(config, options, accelerator)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl")

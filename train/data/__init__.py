@@ -67,6 +67,14 @@ class Loaders:
             yield step
 
 
+def start_worker_server(data: DataConfig) -> None:
+    """For the HF loader with workers: start the process they are forked from now, at the start
+    of a run, so that its imports (torch, datasets, PIL: seconds) overlap the rest of the
+    start-up rather than delay the first epoch's first batch (``hf.py`` says why there is one)."""
+    if data.dataloader.name == "hf" and data.dataloader.num_data_workers > 0:
+        hf.start_worker_server()
+
+
 def check_supported(data: DataConfig, source: str) -> None:
     """Start-up check of the loader choice, before anything is read."""
     name = data.dataloader.name

@@ -17,7 +17,6 @@ import random
 
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..config import CropRamp, crop_size_at
 
@@ -97,6 +96,9 @@ _MEAN_AND_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 def _mean_and_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device: copying them to a GPU at every batch would wait on the host."""
     if device not in _MEAN_AND_STD:
+        # timm's constants, imported here, in the training process: the workers, which import
+        # this module, do without timm's import (seconds, at every run's start).
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         _MEAN_AND_STD[device] = (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
                                  torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
     return _MEAN_AND_STD[device]
