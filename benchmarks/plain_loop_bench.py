@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         sides["other trainer"] = args.also_trainer.resolve()
     names = [*sides, "plain"]
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    per_epoch: dict[str, list[list[float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="plain-loop-bench-") as scratch:
         for index in range(args.rounds):
             order = names[index % len(names):] + names[:index % len(names)]
@@ -198,14 +199,20 @@ def main(argv: list[str] | None = None) -> int:
                 work.mkdir()
                 epochs = (run_plain(folder, args) if name == "plain" else run_trainer(sides[name], folder, args, work))
                 seconds[name].append(sum(epochs))
+                per_epoch[name].append(epochs)
                 print(f"round {index + 1} {name:>13}: {sum(epochs):6.1f} s for {args.epochs} epoch(s) "
                       f"({', '.join(f'{s:.1f}' for s in epochs)})", flush=True)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     print(f"median seconds over {args.rounds} rounds: " + ", ".join(f"{n} {s:.1f}" for n, s in medians.items()))
+    # The first epoch also starts the loader's workers; the later ones show the steady state.
+    first = {name: statistics.median(run[0] for run in runs) for name, runs in per_epoch.items()}
+    later = {name: statistics.median(sum(run[1:]) for run in runs) for name, runs in per_epoch.items()}
     for name in sides:
-        print(f"{name} ({sides[name]}): {medians['plain'] / medians[name]:.3f}x the plain loop's speed")
+        print(f"{name} ({sides[name]}): {medians['plain'] / medians[name]:.3f}x the plain loop's speed "
+              f"(first epoch {first['plain'] / first[name]:.3f}x"
+              + (f", later epochs {later['plain'] / later[name]:.3f}x)" if args.epochs > 1 else ")"))
     if args.json:
-        args.json.write_text(json.dumps({"seconds": seconds, "medians": medians,
+        args.json.write_text(json.dumps({"seconds": seconds, "medians": medians, "per_epoch": per_epoch,
                                          "checkouts": {n: str(p) for n, p in sides.items()}}, indent=2))
     return 0
 

@@ -369,6 +369,13 @@ def test_command_line_exit_status_and_one_line_error(tmp_path):
     assert result.stderr.strip() == f"error: {tmp_path / 'none'}: no such folder"
 
 
+def default_signal_state() -> None:
+    """In a child before it runs its program: nothing blocked, Ctrl-C's default action."""
+    import signal
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_real_ctrl_c_and_sigkill_of_the_command_then_resume(tmp_path):
     """The command as a process: SIGINT mid-extraction exits 130 with the resume hint, SIGKILL
     leaves no class half-written under its final name, and the next run completes the layout."""
@@ -390,17 +397,24 @@ def test_real_ctrl_c_and_sigkill_of_the_command_then_resume(tmp_path):
     def start_and_signal(sig) -> subprocess.CompletedProcess:
         # At the lowest priority (nice execs Python: the signals reach it), so that on two busy
         # cores this test's own polling is not starved while the command runs to its end.
+        # With the default signal state, whatever an earlier test in this process left blocked.
         process = subprocess.Popen(["nice", "-n", "19", *command], cwd=REPO, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
+                                   stderr=subprocess.PIPE, text=True, preexec_fn=default_signal_state)
+        started = time.monotonic()
+        deadline = started + 120
+        seen = 0
         while time.monotonic() < deadline and process.poll() is None:
             train = out / "train"
-            if train.is_dir() and sum(1 for p in train.iterdir() if not p.name.startswith(".")) >= 3:
+            seen = sum(1 for p in train.iterdir() if not p.name.startswith(".")) if train.is_dir() else 0
+            if seen >= 3:
                 break
             time.sleep(0.002)
+        polled = (time.monotonic() - started, seen, process.poll())
         process.send_signal(sig)
         stdout, stderr = process.communicate(timeout=120)
-        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        blocked = next(line for line in open("/proc/self/status") if line.startswith("SigBlk"))
+        return subprocess.CompletedProcess(command, process.returncode, stdout,
+                                           stderr + f"\n[polled (seconds, classes, exit) {polled}; here {blocked}]")
 
     interrupted = start_and_signal(signal.SIGINT)
     assert interrupted.returncode == EXIT_INTERRUPTED, interrupted.stderr
